@@ -1,0 +1,236 @@
+"""The `skinlesion` command: one subcommand per stage plus run, controller and tools.
+
+Handlers only parse arguments, open stores and call the library; `jobs/*.py`
+call `main()` with their subcommand, so the CLI and the Jobs share one path.
+Errors become one line on stderr and an exit code (errors.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from skinlesion import config, logs
+from skinlesion.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SkinlesionError, Terminated
+from skinlesion.storage import open_store
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-id", default="-", help="run id for log lines (and the run's prefix)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _stage_parser(
+    sub: Any, name: str, help_: str, section: type | None = None
+) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+    _common(p)
+    if section is not None:
+        p.add_argument("--config", help="YAML file: a pipeline config or this stage's section")
+        p.add_argument("--force", action="store_true", help="redo even if already committed")
+        config.add_flags(p, section)
+    return p
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+
+def _sample_data(args: argparse.Namespace) -> int:
+    from skinlesion.synthetic import write_sample_data
+
+    summary = write_sample_data(open_store(args.out), images=args.images, seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from skinlesion import prepare
+
+    cfg = config.section_from_args(config.PrepareConfig, args, "prepare")
+    if args.dry_run:
+        print(json.dumps(prepare.plan_split(cfg, open_store(args.raw)), indent=2))
+        return 0
+    if not args.out:
+        raise SkinlesionError("--out is required unless --dry-run")
+    prepare.run_prepare(cfg, open_store(args.raw), open_store(args.out), force=args.force)
+    return 0
+
+
+def _augment(args: argparse.Namespace) -> int:
+    from skinlesion import augment
+
+    cfg = config.section_from_args(config.AugmentConfig, args, "augment")
+    augment.run_augment(cfg, open_store(args.prepared), open_store(args.out), force=args.force)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from skinlesion import train
+
+    cfg = config.section_from_args(config.TrainConfig, args, "train")
+    init = open_store(args.init_model) if args.init_model else None
+    if args.phase == "finetune" and init is None:
+        raise SkinlesionError("--phase finetune needs --init-model (the top phase's output)")
+    train.run_train(
+        cfg, args.phase, open_store(args.train_data), open_store(args.val_data),
+        open_store(args.out), init_model=init, force=args.force,
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from skinlesion import evaluate
+
+    cfg = config.section_from_args(config.EvaluateConfig, args, "evaluate")
+    evaluate.run_evaluate(
+        cfg, open_store(args.model), open_store(args.val_data), open_store(args.out),
+        force=args.force,
+    )
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from skinlesion import promote
+
+    cfg = config.section_from_args(config.PromoteConfig, args, "promote")
+    promote.run_promote(
+        cfg, open_store(args.candidate), open_store(args.model), open_store(args.target),
+        run_id=args.run_id, force=args.force,
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from skinlesion.predict import predict
+
+    print(json.dumps(predict(args.model, args.images), indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from skinlesion.local_run import run_local
+
+    cfg = config.load_pipeline(args.preset, args.config, args.set)
+    return run_local(cfg, store_uri=args.store, raw_uri=args.raw, run_id=args.run_id)
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from skinlesion.controller import run_controller
+
+    cfg = config.load_pipeline(args.preset, args.config, args.set)
+    return run_controller(cfg, args)
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinlesion", description="HAM10000 skin-lesion classifier retraining pipeline"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = _stage_parser(sub, "sample-data", "write a synthetic HAM10000-format tree")
+    p.add_argument("--out", required=True, help="store URI of the tree (…/raw/HAM10000)")
+    p.add_argument("--images", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_sample_data)
+
+    p = _stage_parser(sub, "prepare", "validate, split, resize and shard HAM10000",
+                      config.PrepareConfig)
+    p.add_argument("--raw", required=True, help="store URI of a HAM10000 tree")
+    p.add_argument("--out", help="store URI of the stage output")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the metadata and print the split plan as JSON; read no images")
+    p.set_defaults(handler=_prepare)
+
+    p = _stage_parser(sub, "augment", "balance the training set with augmented variants",
+                      config.AugmentConfig)
+    p.add_argument("--prepared", required=True, help="store URI of the prepare output")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=_augment)
+
+    p = _stage_parser(sub, "train", "train the head (top) or fine-tune the last block",
+                      config.TrainConfig)
+    p.add_argument("--phase", choices=["top", "finetune"], default="top")
+    p.add_argument("--train-data", required=True, help="augment (or prepare) output URI")
+    p.add_argument("--val-data", required=True, help="prepare output URI")
+    p.add_argument("--init-model", help="top-phase output URI (finetune only)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=_train)
+
+    p = _stage_parser(sub, "evaluate", "metrics, plots and HTML report on the val split",
+                      config.EvaluateConfig)
+    p.add_argument("--model", required=True, help="train/finetune output URI")
+    p.add_argument("--val-data", required=True, help="prepare output URI")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=_evaluate)
+
+    p = _stage_parser(sub, "promote", "replace models/latest if the candidate beats it",
+                      config.PromoteConfig)
+    p.add_argument("--candidate", required=True, help="evaluate output URI")
+    p.add_argument("--model", required=True, help="train/finetune output URI")
+    p.add_argument("--target", required=True, help="champion URI (…/models/latest)")
+    p.set_defaults(handler=_promote)
+
+    p = _stage_parser(sub, "predict", "class probabilities for images, as JSON")
+    p.add_argument("--model", required=True, help="model URI: a stage output or .keras file")
+    p.add_argument("images", nargs="+", help="image files (JPEG/PNG)")
+    p.set_defaults(handler=_predict)
+
+    for name, help_, handler in (
+        ("run", "run every stage on this machine", _run),
+        ("controller", "run every stage as Kubernetes Jobs", _controller),
+    ):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--store", default="file://" + str(__import__("pathlib").Path.cwd() / "store"),
+                       help="store URI (default: ./store)")
+        p.add_argument("--raw", help="HAM10000 tree URI (default: <store>/raw/HAM10000)")
+        p.add_argument("--run-id", default="local", help="run id (rerun the same id to resume)")
+        p.add_argument("--preset", default="cpu" if name == "run" else "default",
+                       choices=sorted(config.PRESETS))
+        p.add_argument("--config", help="pipeline YAML (sections prepare, augment, train, …)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one config field (repeatable)")
+        p.add_argument("--log-level", default="INFO",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        p.set_defaults(handler=handler)
+        if name == "controller":
+            from skinlesion.controller import add_controller_arguments
+
+            add_controller_arguments(p)
+    return parser
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(run_id=args.run_id, stage=args.command, level=args.log_level)
+    log = logs.get()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(args.handler(args))
+    except SkinlesionError as exc:
+        log.error("failed", error=str(exc), exit_code=exc.exit_code)
+        print(f"skinlesion {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (KeyboardInterrupt, Terminated):
+        log.warning("interrupted")
+        return EXIT_INTERRUPTED
+    except (OSError, ValueError) as exc:
+        # Unexpected: keep the traceback in the log for the developer, exit non-bad-input.
+        log.exception("crashed", error=f"{type(exc).__name__}: {exc}")
+        return 1 if not isinstance(exc, FileNotFoundError) else EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""Error types and the exit codes the CLI, jobs/ and the Helm chart agree on."""
+
+from __future__ import annotations
+
+# Exit codes: the chart's podFailurePolicy fails a Job fast on EXIT_BAD_INPUT,
+# and the pipeline never retries it; any other non-zero code is retried.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 143
+
+
+class SkinlesionError(Exception):
+    """Base class; the message is one line meant for a person."""
+
+    exit_code = EXIT_FAILURE
+
+
+class InputError(SkinlesionError):
+    """Bad user input (data, config, URI): retrying cannot help."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(InputError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"config field '{field}': {message}")
+        self.field = field
+
+
+class DataError(InputError):
+    """A problem in the dataset, naming file, row and field where known."""
+
+
+class StoreError(SkinlesionError):
+    """The object store failed after retries (transient: worth retrying the stage)."""
+
+
+class StageFailed(SkinlesionError):
+    def __init__(self, stage: str, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(f"stage '{stage}' failed: {message}")
+        self.stage = stage
+        self.exit_code = exit_code
+
+
+class Terminated(BaseException):  # noqa: N818 - mirrors KeyboardInterrupt
+    """SIGTERM received (pod eviction, Ctrl-C of a parent): save state and stop."""

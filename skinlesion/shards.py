@@ -1,0 +1,161 @@
+"""TFRecord shards: the hand-off format between prepare, augment, train and evaluate.
+
+Each example holds the resized image as JPEG bytes, its integer label
+(canonical class order), `image_id` and `lesion_id`. A stage manifest lists its
+shards per split: `"shards": {"train": [{"file": "train-00000.tfrecord",
+"count": 1000}, ...], "val": [...]}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from skinlesion.errors import InputError
+from skinlesion.manifest import require_manifest
+from skinlesion.storage import Store
+
+
+@dataclass(frozen=True)
+class Example:
+    jpeg: bytes
+    label: int
+    image_id: str
+    lesion_id: str
+
+
+def _tf() -> Any:
+    import tensorflow as tf
+
+    return tf
+
+
+def encode(ex: Example) -> bytes:
+    tf = _tf()
+    feat = tf.train.Feature
+    proto = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "image": feat(bytes_list=tf.train.BytesList(value=[ex.jpeg])),
+                "label": feat(int64_list=tf.train.Int64List(value=[ex.label])),
+                "image_id": feat(bytes_list=tf.train.BytesList(value=[ex.image_id.encode()])),
+                "lesion_id": feat(bytes_list=tf.train.BytesList(value=[ex.lesion_id.encode()])),
+            }
+        )
+    )
+    return bytes(proto.SerializeToString())
+
+
+class ShardWriter:
+    """Streams examples into `<split>-NNNNN.tfrecord` files of `shard_size` examples."""
+
+    def __init__(self, directory: Path, split: str, shard_size: int) -> None:
+        self.directory, self.split, self.shard_size = directory, split, shard_size
+        self.shards: list[dict[str, Any]] = []
+        self._writer: Any = None
+        self._count = 0
+
+    def write(self, ex: Example) -> None:
+        if self._writer is None or self._count >= self.shard_size:
+            self._roll()
+        self._writer.write(encode(ex))
+        self._count += 1
+        self.shards[-1]["count"] = self._count
+
+    def _roll(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        name = f"{self.split}-{len(self.shards):05d}.tfrecord"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._writer = _tf().io.TFRecordWriter(str(self.directory / name))
+        self.shards.append({"file": name, "count": 0})
+        self._count = 0
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+_FEATURES: dict[str, Any] = {}
+
+
+def _features() -> dict[str, Any]:
+    if not _FEATURES:
+        tf = _tf()
+        _FEATURES.update(
+            image=tf.io.FixedLenFeature([], tf.string),
+            label=tf.io.FixedLenFeature([], tf.int64),
+            image_id=tf.io.FixedLenFeature([], tf.string),
+            lesion_id=tf.io.FixedLenFeature([], tf.string),
+        )
+    return _FEATURES
+
+
+def iter_examples(paths: list[Path]) -> Iterator[Example]:
+    """Every example of the shards, in order (for augment and evaluation ids)."""
+    tf = _tf()
+    for raw in tf.data.TFRecordDataset([str(p) for p in paths]):
+        parsed = tf.io.parse_single_example(raw, _features())
+        yield Example(
+            jpeg=parsed["image"].numpy(),
+            label=int(parsed["label"].numpy()),
+            image_id=parsed["image_id"].numpy().decode(),
+            lesion_id=parsed["lesion_id"].numpy().decode(),
+        )
+
+
+def dataset(
+    paths: list[Path],
+    num_classes: int,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    repeat: bool = False,
+) -> Any:
+    """tf.data pipeline of (float32 image 0-255 [H, W, 3], one-hot label) batches."""
+    tf = _tf()
+    files = [str(p) for p in paths]
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
+    if shuffle:
+        ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def parse(raw: Any) -> Any:
+        ex = tf.io.parse_single_example(raw, _features())
+        image = tf.cast(tf.io.decode_jpeg(ex["image"], channels=3), tf.float32)
+        return image, tf.one_hot(ex["label"], num_classes)
+
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    shards = manifest.get("shards", {}).get(split)
+    if not shards:
+        raise InputError(f"stage manifest has no '{split}' shards")
+    return list(shards)
+
+
+def fetch_split(store: Store, split: str, dest: Path) -> tuple[list[Path], dict[str, Any]]:
+    """Download a committed stage's shards of `split`; returns (paths, manifest)."""
+    manifest = require_manifest(store, f"{split} data")
+    paths = []
+    for shard in split_shards(manifest, split):
+        path = dest / split / shard["file"]
+        store.get_file(shard["file"], path)
+        paths.append(path)
+    return paths, manifest

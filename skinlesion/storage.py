@@ -1,0 +1,309 @@
+"""Object store over URIs: `s3://bucket/prefix` (boto3) and `file:///path`.
+
+The only module that imports boto3. Every object is written with its SHA-256
+(S3 metadata / a sidecar-free re-hash for files) and checked on read; S3 calls
+retry on 5xx, throttling and connection resets (botocore "standard" mode) and
+on checksum mismatches. Credentials come from the standard AWS variables and
+are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from skinlesion import logs
+from skinlesion.errors import InputError, StoreError
+from skinlesion.keys import safe_key
+
+CHUNK = 8 * 1024 * 1024
+ATTEMPTS = 5  # per S3 call (botocore) and per checksum mismatch (ours)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the store's prefix
+    size: int
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Store(Protocol):
+    """A prefix in an object store. Keys are relative, '/'-separated, validated."""
+
+    uri: str
+
+    def child(self, *parts: str) -> Store: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def put_bytes(self, key: str, data: bytes) -> str: ...
+    def get_file(self, key: str, dest: str | Path) -> None: ...
+    def put_file(self, src: str | Path, key: str) -> str: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def delete(self, key: str) -> None: ...
+
+
+def get_json(store: Store, key: str) -> Any:
+    data = store.get_bytes(key)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{store.uri}/{key}: invalid JSON: {exc}") from None
+
+
+def put_json(store: Store, key: str, value: Any) -> str:
+    return store.put_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def download_prefix(store: Store, prefix: str, dest: Path) -> list[Path]:
+    """Copy every object under `prefix` into `dest`, keeping relative paths."""
+    paths = []
+    for obj in store.list(prefix):
+        target = dest / obj.key[len(prefix) :].lstrip("/") if prefix else dest / obj.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.get_file(obj.key, target)
+        paths.append(target)
+    return paths
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+# --- local files ----------------------------------------------------------------------
+
+
+class FileStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.uri = self.root.as_uri()
+
+    def child(self, *parts: str) -> FileStore:
+        return FileStore(self.root / safe_key(_join(*parts)))
+
+    def _path(self, key: str) -> Path:
+        return self.root / safe_key(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"not found: {self.uri}/{key}") from None
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic: readers never see half a file
+        return sha256_bytes(data)
+
+    def get_file(self, key: str, dest: str | Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise InputError(f"not found: {self.uri}/{key}")
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+    def put_file(self, src: str | Path, key: str) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        digest = sha256_file(tmp)
+        if digest != sha256_file(src):
+            os.unlink(tmp)
+            raise StoreError(f"checksum mismatch writing {self.uri}/{key}")
+        os.replace(tmp, path)
+        return digest
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.root / safe_key(prefix) if prefix else self.root
+        if base.is_file():
+            return [ObjectInfo(prefix, base.stat().st_size)]
+        if not base.is_dir():
+            return []
+        out = []
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                out.append(ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+# --- S3 -------------------------------------------------------------------------------
+
+
+def _s3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": "standard", "max_attempts": ATTEMPTS},
+        connect_timeout=10,
+        read_timeout=120,
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_supported",
+        response_checksum_validation="when_supported",
+    )
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=region, config=config
+    )
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
+        if not bucket:
+            raise InputError("S3 URI needs a bucket: s3://bucket/prefix")
+        self.bucket = bucket
+        self.prefix = safe_key(prefix.strip("/")) if prefix.strip("/") else ""
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = client or _s3_client()
+
+    def child(self, *parts: str) -> S3Store:
+        return S3Store(self.bucket, _join(self.prefix, safe_key(_join(*parts))), self._client)
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, safe_key(key))
+
+    def _call(self, what: str, key: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise InputError(f"not found: {self.uri}/{key}") from None
+            if code in ("NoSuchBucket",):
+                raise InputError(f"bucket does not exist: s3://{self.bucket}") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise InputError(f"access denied ({code}) to {self.uri}/{key}") from None
+            raise StoreError(f"S3 {what} {self.uri}/{key} failed: {code}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"S3 {what} {self.uri}/{key} failed: {type(exc).__name__}") from exc
+
+    def _verified(self, key: str, fetch: Any) -> Any:
+        """Run `fetch() -> (result, digest, expected)` until the digest matches."""
+        for attempt in range(1, ATTEMPTS + 1):
+            result, digest, expected = fetch()
+            if not expected or digest == expected:
+                return result
+            logs.get().warning("checksum_mismatch", key=f"{self.uri}/{key}", attempt=attempt)
+            time.sleep(min(2.0, 0.1 * 2**attempt))
+        raise StoreError(f"checksum mismatch reading {self.uri}/{key} after {ATTEMPTS} attempts")
+
+    def get_bytes(self, key: str) -> bytes:
+        def fetch() -> tuple[bytes, str, str]:
+            resp = self._call("get", key, self._client.get_object, Key=self._key(key))
+            data = resp["Body"].read()
+            return data, sha256_bytes(data), resp.get("Metadata", {}).get("sha256", "")
+
+        return self._verified(key, fetch)  # type: ignore[no-any-return]
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        digest = sha256_bytes(data)
+        self._call(
+            "put", key, self._client.put_object, Key=self._key(key), Body=data,
+            Metadata={"sha256": digest},
+        )
+        return digest
+
+    def get_file(self, key: str, dest: str | Path) -> None:
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch() -> tuple[None, str, str]:
+            head = self._call("head", key, self._client.head_object, Key=self._key(key))
+            tmp = dest.with_name(f".tmp-{dest.name}")
+            self._call("download", key, self._client.download_file, Key=self._key(key),
+                       Filename=str(tmp))
+            digest = sha256_file(tmp)
+            expected = head.get("Metadata", {}).get("sha256", "")
+            if not expected or digest == expected:
+                os.replace(tmp, dest)
+            else:
+                tmp.unlink(missing_ok=True)
+            return None, digest, expected
+
+        self._verified(key, fetch)
+
+    def put_file(self, src: str | Path, key: str) -> str:
+        digest = sha256_file(src)
+        self._call(
+            "upload", key, self._client.upload_file, Filename=str(src), Key=self._key(key),
+            ExtraArgs={"Metadata": {"sha256": digest}},
+        )
+        return digest
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head", key, self._client.head_object, Key=self._key(key))
+        except InputError as exc:
+            if str(exc).startswith("not found"):
+                return False
+            raise
+        return True
+
+    def _iter(self, prefix: str) -> Iterator[ObjectInfo]:
+        full = _join(self.prefix, safe_key(prefix)) if prefix else self.prefix
+        paginator = self._client.get_paginator("list_objects_v2")
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": f"{full}/" if full else ""}
+        pages = self._call("list", prefix, lambda **kw: list(paginator.paginate(**kw)),
+                           **{k: v for k, v in kwargs.items() if k != "Bucket"})
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]))
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return sorted(self._iter(prefix), key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self._client.delete_object, Key=self._key(key))
+
+
+def open_store(uri: str) -> Store:
+    """`s3://bucket/prefix`, `file:///abs/path` or a plain local path."""
+    if not uri:
+        raise InputError("empty store URI")
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(f"file URI must be file:///absolute/path, got {uri!r}")
+        return FileStore(parsed.path)
+    if parsed.scheme == "":
+        return FileStore(uri)
+    raise InputError(f"unsupported store URI scheme '{parsed.scheme}' in {uri!r} (s3:// or file://)")
