@@ -78,8 +78,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.phase == "finetune" and init is None:
         raise SkinlesionError("--phase finetune needs --init-model (the top phase's output)")
     train.run_train(
-        cfg, args.phase, open_store(args.train_data), open_store(args.val_data),
-        open_store(args.out), init_model=init, force=args.force,
+        cfg,
+        args.phase,
+        open_store(args.train_data),
+        open_store(args.val_data),
+        open_store(args.out),
+        init_model=init,
+        force=args.force,
     )
     return 0
 
@@ -89,7 +94,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = config.section_from_args(config.EvaluateConfig, args, "evaluate")
     evaluate.run_evaluate(
-        cfg, open_store(args.model), open_store(args.val_data), open_store(args.out),
+        cfg,
+        open_store(args.model),
+        open_store(args.val_data),
+        open_store(args.out),
         force=args.force,
     )
     return 0
@@ -100,8 +108,12 @@ def _promote(args: argparse.Namespace) -> int:
 
     cfg = config.section_from_args(config.PromoteConfig, args, "promote")
     promote.run_promote(
-        cfg, open_store(args.candidate), open_store(args.model), open_store(args.target),
-        run_id=args.run_id, force=args.force,
+        cfg,
+        open_store(args.candidate),
+        open_store(args.model),
+        open_store(args.target),
+        run_id=args.run_id,
+        force=args.force,
     )
     return 0
 
@@ -142,22 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_sample_data)
 
-    p = _stage_parser(sub, "prepare", "validate, split, resize and shard HAM10000",
-                      config.PrepareConfig)
+    p = _stage_parser(
+        sub, "prepare", "validate, split, resize and shard HAM10000", config.PrepareConfig
+    )
     p.add_argument("--raw", required=True, help="store URI of a HAM10000 tree")
     p.add_argument("--out", help="store URI of the stage output")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate the metadata and print the split plan as JSON; read no images")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the metadata and print the split plan as JSON; read no images",
+    )
     p.set_defaults(handler=_prepare)
 
-    p = _stage_parser(sub, "augment", "balance the training set with augmented variants",
-                      config.AugmentConfig)
+    p = _stage_parser(
+        sub, "augment", "balance the training set with augmented variants", config.AugmentConfig
+    )
     p.add_argument("--prepared", required=True, help="store URI of the prepare output")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=_augment)
 
-    p = _stage_parser(sub, "train", "train the head (top) or fine-tune the last block",
-                      config.TrainConfig)
+    p = _stage_parser(
+        sub, "train", "train the head (top) or fine-tune the last block", config.TrainConfig
+    )
     p.add_argument("--phase", choices=["top", "finetune"], default="top")
     p.add_argument("--train-data", required=True, help="augment (or prepare) output URI")
     p.add_argument("--val-data", required=True, help="prepare output URI")
@@ -165,15 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(handler=_train)
 
-    p = _stage_parser(sub, "evaluate", "metrics, plots and HTML report on the val split",
-                      config.EvaluateConfig)
+    p = _stage_parser(
+        sub, "evaluate", "metrics, plots and HTML report on the val split", config.EvaluateConfig
+    )
     p.add_argument("--model", required=True, help="train/finetune output URI")
     p.add_argument("--val-data", required=True, help="prepare output URI")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=_evaluate)
 
-    p = _stage_parser(sub, "promote", "replace models/latest if the candidate beats it",
-                      config.PromoteConfig)
+    p = _stage_parser(
+        sub, "promote", "replace models/latest if the candidate beats it", config.PromoteConfig
+    )
     p.add_argument("--candidate", required=True, help="evaluate output URI")
     p.add_argument("--model", required=True, help="train/finetune output URI")
     p.add_argument("--target", required=True, help="champion URI (…/models/latest)")
@@ -189,17 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
         ("controller", "run every stage as Kubernetes Jobs", _controller),
     ):
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--store", default="file://" + str(__import__("pathlib").Path.cwd() / "store"),
-                       help="store URI (default: ./store)")
+        p.add_argument(
+            "--store",
+            default="file://" + str(__import__("pathlib").Path.cwd() / "store"),
+            help="store URI (default: ./store)",
+        )
         p.add_argument("--raw", help="HAM10000 tree URI (default: <store>/raw/HAM10000)")
         p.add_argument("--run-id", default="local", help="run id (rerun the same id to resume)")
-        p.add_argument("--preset", default="cpu" if name == "run" else "default",
-                       choices=sorted(config.PRESETS))
+        p.add_argument(
+            "--preset",
+            default="cpu" if name == "run" else "default",
+            choices=sorted(config.PRESETS),
+        )
         p.add_argument("--config", help="pipeline YAML (sections prepare, augment, train, …)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override one config field (repeatable)")
-        p.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.FIELD=VALUE",
+            help="override one config field (repeatable)",
+        )
+        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         p.set_defaults(handler=handler)
         if name == "controller":
             from skinlesion.controller import add_controller_arguments

@@ -128,9 +128,7 @@ class PromoteConfig:
 
     def validate(self) -> None:
         _check(self.min_improvement >= 0, "promote.min_improvement", "must be >= 0")
-        _check(
-            0 <= self.melanoma_recall_margin <= 1, "promote.melanoma_recall_margin", "in [0, 1]"
-        )
+        _check(0 <= self.melanoma_recall_margin <= 1, "promote.melanoma_recall_margin", "in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -245,7 +243,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     raise ConfigError(name, f"unsupported type {hint!r}")
 
 
-def build(cls: type[C], values: Mapping[str, Any] | None, base: C | None = None, path: str = "") -> C:
+def build(
+    cls: type[C], values: Mapping[str, Any] | None, base: C | None = None, path: str = ""
+) -> C:
     """Build a (nested) config dataclass from a mapping over `base` (or the defaults)."""
     values = values or {}
     if not isinstance(values, Mapping):
@@ -270,6 +270,7 @@ def build(cls: type[C], values: Mapping[str, Any] | None, base: C | None = None,
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain, JSON/YAML-friendly dict (tuples become lists)."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, tuple | list):
             return [plain(x) for x in v]

@@ -43,5 +43,5 @@ class StageFailed(SkinlesionError):
         self.exit_code = exit_code
 
 
-class Terminated(BaseException):  # noqa: N818 - mirrors KeyboardInterrupt
+class Terminated(BaseException):
     """SIGTERM received (pod eviction, Ctrl-C of a parent): save state and stop."""

@@ -58,8 +58,10 @@ def print_summary(layout: RunLayout, report: RunReport) -> None:
     metrics = get_json(evaluate, "metrics.json")
     promote = read_manifest(open_store(layout.stage_uri("promote")))
     out = sys.stdout
-    print(f"\nrun {layout.run_id}: " + ", ".join(f"{s.stage} {s.status}" for s in report.stages),
-          file=out)
+    print(
+        f"\nrun {layout.run_id}: " + ", ".join(f"{s.stage} {s.status}" for s in report.stages),
+        file=out,
+    )
     print(format_metrics(metrics), file=out)
     if promote is not None:
         decision = promote.get("decision", {})
@@ -67,9 +69,7 @@ def print_summary(layout: RunLayout, report: RunReport) -> None:
     print(f"\nreport: {evaluate.uri}/report.html", file=out)
 
 
-def run_local(
-    cfg: config.PipelineConfig, store_uri: str, raw_uri: str | None, run_id: str
-) -> int:
+def run_local(cfg: config.PipelineConfig, store_uri: str, raw_uri: str | None, run_id: str) -> int:
     layout = RunLayout(store_uri, run_id)
     logs.bind(run_id=run_id)
     raw = ensure_raw_data(layout, raw_uri, cfg.synthetic_images)

@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
 import structlog
@@ -22,7 +22,7 @@ _SECRET_KEYS = re.compile(r"(secret|password|token|credential|access_key)", re.I
 _SECRET_VALUES = re.compile(r"(AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN)=\S+")
 
 
-def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Last line of defence: no secret reaches a log line."""
     for key in list(event):
         if _SECRET_KEYS.search(key):
@@ -80,10 +80,8 @@ def progress(items: Iterable[T], total: int | None, desc: str, every_pct: int = 
     log = get()
     start = time.monotonic()
     step = max(1, (total or 0) * every_pct // 100) if total else 1000
-    done = 0
-    for item in items:
+    for done, item in enumerate(items, start=1):
         yield item
-        done += 1
         if done % step == 0 or done == total:
             elapsed = time.monotonic() - start
             log.info(

@@ -115,9 +115,11 @@ def input_fingerprints(inputs: Mapping[str, str]) -> dict[str, str]:
     out = {}
     for name, uri in inputs.items():
         store = open_store(uri)
-        out[name] = raw_fingerprint(store) if name == "raw" else require_manifest(store, name)[
-            "fingerprint"
-        ]
+        out[name] = (
+            raw_fingerprint(store)
+            if name == "raw"
+            else require_manifest(store, name)["fingerprint"]
+        )
     return out
 
 
@@ -128,7 +130,9 @@ def expected_fingerprint(call: StageCall) -> str:
 # --- the plan -----------------------------------------------------------------------------
 
 
-def plan(cfg: config.PipelineConfig, layout: RunLayout, raw_uri: str | None = None) -> list[StageCall]:
+def plan(
+    cfg: config.PipelineConfig, layout: RunLayout, raw_uri: str | None = None
+) -> list[StageCall]:
     """The stage calls of a run, in order, honouring `augment.enabled` and fine-tune epochs."""
     raw = raw_uri or layout.default_raw
     uri = layout.stage_uri
@@ -148,23 +152,59 @@ def plan(cfg: config.PipelineConfig, layout: RunLayout, raw_uri: str | None = No
     add("prepare", ["prepare", "--raw", raw], cfg.prepare, {"raw": raw})
     train_data = uri("prepare")
     if cfg.augment.enabled:
-        add("augment", ["augment", "--prepared", uri("prepare")], cfg.augment,
-            {"prepared": uri("prepare")})
+        add(
+            "augment",
+            ["augment", "--prepared", uri("prepare")],
+            cfg.augment,
+            {"prepared": uri("prepare")},
+        )
         train_data = uri("augment")
     data = {"train_data": train_data, "val_data": uri("prepare")}
-    add("train", ["train", "--phase", "top", "--train-data", train_data, "--val-data",
-                  uri("prepare")], cfg.train, data)
+    add(
+        "train",
+        ["train", "--phase", "top", "--train-data", train_data, "--val-data", uri("prepare")],
+        cfg.train,
+        data,
+    )
     model = uri("train")
     if cfg.train.finetune_epochs > 0:
-        add("finetune", ["train", "--phase", "finetune", "--train-data", train_data,
-                         "--val-data", uri("prepare"), "--init-model", uri("train")],
-            cfg.train, {**data, "init_model": uri("train")})
+        add(
+            "finetune",
+            [
+                "train",
+                "--phase",
+                "finetune",
+                "--train-data",
+                train_data,
+                "--val-data",
+                uri("prepare"),
+                "--init-model",
+                uri("train"),
+            ],
+            cfg.train,
+            {**data, "init_model": uri("train")},
+        )
         model = uri("finetune")
-    add("evaluate", ["evaluate", "--model", model, "--val-data", uri("prepare")], cfg.evaluate,
-        {"model": model, "val_data": uri("prepare")})
-    add("promote", ["promote", "--candidate", uri("evaluate"), "--model", model, "--target",
-                    layout.champion_uri], cfg.promote,
-        {"candidate": uri("evaluate"), "model": model})
+    add(
+        "evaluate",
+        ["evaluate", "--model", model, "--val-data", uri("prepare")],
+        cfg.evaluate,
+        {"model": model, "val_data": uri("prepare")},
+    )
+    add(
+        "promote",
+        [
+            "promote",
+            "--candidate",
+            uri("evaluate"),
+            "--model",
+            model,
+            "--target",
+            layout.champion_uri,
+        ],
+        cfg.promote,
+        {"candidate": uri("evaluate"), "model": model},
+    )
     return calls
 
 
@@ -281,8 +321,14 @@ def run_pipeline(
             if outcome.exit_code == EXIT_BAD_INPUT:
                 raise StageFailed(name, f"bad input (not retried); log: {saved}", EXIT_BAD_INPUT)
             failures += 1
-            log.warning("stage_failed", step=name, attempt=attempt, detail=outcome.detail,
-                        log_uri=saved, retries_left=cfg.retries - failures + 1)
+            log.warning(
+                "stage_failed",
+                step=name,
+                attempt=attempt,
+                detail=outcome.detail,
+                log_uri=saved,
+                retries_left=cfg.retries - failures + 1,
+            )
             if failures > cfg.retries:
                 raise StageFailed(name, f"{outcome.detail} after {attempt} attempts; log: {saved}")
             time.sleep(retry_delay_s * 2 ** (failures - 1))
