@@ -125,26 +125,34 @@ def sensitivity_at_specificity(
     return float(tpr[ok].max())
 
 
-def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int) -> float:
-    """Top-label ECE with `bins` equal-width confidence bins.
+def calibration_bins(
+    y_true: np.ndarray, proba: np.ndarray, bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: (images, accuracy, mean confidence).
 
     Confidence = the largest probability of a row; bin k holds confidences in
-    (k/bins, (k+1)/bins] (the first bin also holds 0). ECE = sum over bins of
-    (images in bin / all images) * |accuracy in bin - mean confidence in bin|.
+    (k/bins, (k+1)/bins] (the first bin also holds 0). Empty bins hold zeros.
     """
     if bins < 1:
         raise ValueError(f"ece bins must be >= 1, got {bins}")
-    conf = proba.max(axis=1)
-    correct = (proba.argmax(axis=1) == y_true).astype(np.float64)
-    edges = np.arange(bins + 1) / bins
+    p = np.asarray(proba, dtype=np.float64)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == np.asarray(y_true)).astype(np.float64)
+    edges = np.arange(bins + 1) / bins  # k / bins: exactly rounded edges
     idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
-    total = 0.0
-    for k in range(bins):
-        in_bin = idx == k
-        n = int(in_bin.sum())
-        if n:
-            total += n / conf.size * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(total)
+    counts = np.bincount(idx, minlength=bins)
+    acc = _ratio(np.bincount(idx, weights=correct, minlength=bins), counts.astype(np.float64))
+    mean_conf = _ratio(np.bincount(idx, weights=conf, minlength=bins), counts.astype(np.float64))
+    return counts, acc, mean_conf
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int) -> float:
+    """Top-label ECE with `bins` equal-width confidence bins (see `calibration_bins`).
+
+    ECE = sum over bins of (images in bin / all images) * |accuracy - mean confidence|.
+    """
+    counts, acc, mean_conf = calibration_bins(y_true, proba, bins)
+    return float(np.sum(counts / counts.sum() * np.abs(acc - mean_conf)))
 
 
 def compute_metrics(y_true: Any, proba: Any, ece_bins: int = 15) -> dict[str, Any]:
