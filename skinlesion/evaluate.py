@@ -1,0 +1,306 @@
+"""Evaluate stage: the model on the validation split -> metrics, plots, report.
+
+Inputs: a train/finetune output (`model.keras`) and the prepare output (val
+shards). Outputs under the stage prefix: `metrics.json` (exactly the keys of
+DESIGN.md), `predictions.csv`, `confusion_matrix.png`, `roc.png`,
+`reliability.png`, and a self-contained `report.html`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skinlesion import config, logs, report, shards
+from skinlesion.classes import CLASSES, NUM_CLASSES
+from skinlesion.errors import InputError
+from skinlesion.keys import safe_segment
+from skinlesion.manifest import commit_stage, read_manifest, require_manifest
+from skinlesion.metrics import compute_metrics, headline
+from skinlesion.pipeline import input_fingerprints, stage_settings
+from skinlesion.plots import evaluation as plots
+from skinlesion.storage import Store, open_store
+
+MODEL_FILE = "model.keras"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+REPORT_FILE = "report.html"
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory for downloads, outside the stage's output workdir."""
+    scratch = os.environ.get("SKINLESION_SCRATCH") or None
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
+        yield Path(tmp)
+
+
+def sibling_uri(uri: str, name: str) -> str | None:
+    """`…/runs/<id>/evaluate` -> `…/runs/<id>/<name>`; None when `uri` has no parent."""
+    safe_segment(name, "stage name")
+    base = uri.rstrip("/")
+    scheme, sep, rest = base.partition("://")
+    path = rest if sep else base
+    if "/" not in path.strip("/"):
+        return None
+    parent = path.rsplit("/", 1)[0]
+    return f"{scheme}{sep}{parent}/{name}" if sep else f"{parent}/{name}"
+
+
+def sibling(store: Store, name: str) -> Store | None:
+    uri = sibling_uri(store.uri, name)
+    return open_store(uri) if uri else None
+
+
+# --- the model and its input preprocessing (shared with predict) -------------------------
+
+DEFAULT_RESIZE = "squash"
+DEFAULT_JPEG_QUALITY = 95
+
+
+def load_model(path: Path) -> Any:
+    """A saved Keras model (inference only: not compiled)."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # keras raises many types for a corrupt or foreign file
+        raise InputError(f"{path.name}: cannot load the Keras model: {exc}") from None
+
+
+def model_image_size(net: Any) -> int:
+    """The side of the square RGB input the model takes."""
+    shape = tuple(net.input_shape)
+    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
+        raise InputError(f"the model takes input of shape {shape}, expected [batch, n, n, 3]")
+    return int(shape[1])
+
+
+def preprocessing_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """How the images a model saw were resized: from a prepare manifest, or the
+    `preprocessing` an evaluate or champion manifest recorded."""
+    if isinstance(manifest.get("preprocessing"), dict):
+        prep = manifest["preprocessing"]
+        return {
+            "image_size": prep.get("image_size"),
+            "resize": prep.get("resize", DEFAULT_RESIZE),
+            "jpeg_quality": prep.get("jpeg_quality", DEFAULT_JPEG_QUALITY),
+        }
+    settings = manifest.get("settings", {}) or {}
+    return {
+        "image_size": manifest.get("image_size", settings.get("image_size")),
+        "resize": settings.get("resize", DEFAULT_RESIZE),
+        "jpeg_quality": settings.get("jpeg_quality", DEFAULT_JPEG_QUALITY),
+    }
+
+
+# --- prediction over the val shards ------------------------------------------------------
+
+
+def predict_shards(
+    net: Any, paths: list[Path], batch_size: int, counts: list[int] | None = None
+) -> tuple[list[shards.Example], np.ndarray]:
+    """(examples without their JPEG bytes, [n, 7] probabilities), in shard order.
+
+    Each shard is read twice in the same order: by `shards.dataset` for the
+    pixels (the training input path) and by `shards.iter_examples` for the ids;
+    the labels of both reads must agree.
+    """
+    examples: list[shards.Example] = []
+    probs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    total = sum(math.ceil(c / batch_size) for c in counts) if counts else None
+
+    def batches() -> Iterator[tuple[Any, Any]]:
+        for path in paths:
+            yield from shards.dataset([path], NUM_CLASSES, batch_size, shuffle=False, seed=0)
+
+    for images, onehot in logs.progress(batches(), total=total, desc="evaluate"):
+        out = np.asarray(net.predict_on_batch(images), dtype=np.float64)
+        if out.ndim != 2 or out.shape[1] != NUM_CLASSES:
+            raise InputError(
+                f"the model outputs shape {out.shape}, expected [batch, {NUM_CLASSES}]"
+            )
+        probs.append(out)
+        labels.append(np.asarray(onehot).argmax(axis=1))
+    for ex in shards.iter_examples(paths):
+        examples.append(shards.Example(b"", ex.label, ex.image_id, ex.lesion_id))
+    proba = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))
+    seen = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    if len(examples) != len(proba) or not np.array_equal(seen, [e.label for e in examples]):
+        raise InputError("val shards read inconsistently (ids and pixels out of step)")
+    if not examples:
+        raise InputError("the val split holds no images")
+    return examples, proba
+
+
+def write_predictions(path: Path, examples: list[shards.Example], proba: np.ndarray) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            ["image_id", "lesion_id", "true", "predicted", *(f"p_{c}" for c in CLASSES)]
+        )
+        for ex, row in zip(examples, proba, strict=True):
+            writer.writerow(
+                [
+                    ex.image_id,
+                    ex.lesion_id,
+                    CLASSES[ex.label],
+                    CLASSES[int(row.argmax())],
+                    *(f"{v:.6f}" for v in row),
+                ]
+            )
+    return path
+
+
+# --- report inputs from upstream stages ---------------------------------------------------
+
+
+def _committed(store: Store | None) -> dict[str, Any] | None:
+    return read_manifest(store) if store is not None else None
+
+
+def _fetch_png(store: Store, key: str, dest: Path) -> Path | None:
+    if not store.exists(key):
+        return None
+    path = dest / f"{len(list(dest.iterdir()))}-{key}"
+    store.get_file(key, path)
+    return path
+
+
+def upstream_figures(
+    model: Store, model_manifest: dict[str, Any], val_data: Store, dest: Path
+) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], dict[str, Any] | None]:
+    """(training plots, data plots, augment manifest) of this model's lineage.
+
+    A sibling stage counts only when it is committed and the model was built
+    from it (its fingerprint is among the model's inputs).
+    """
+    inputs = model_manifest.get("inputs", {}) or {}
+    training: list[tuple[str, Path]] = []
+    top = _committed(sibling(model, "train"))
+    if top is not None and inputs.get("init_model") == top.get("fingerprint"):
+        top_store = sibling(model, "train")
+        assert top_store is not None
+        if png := _fetch_png(top_store, "training_curves.png", dest):
+            training.append(("Training curves, phase top (head only)", png))
+    phase = model_manifest.get("phase") or model_manifest.get("stage") or "model"
+    if png := _fetch_png(model, "training_curves.png", dest):
+        training.append((f"Training curves, phase {phase} (the evaluated model)", png))
+
+    data: list[tuple[str, Path]] = []
+    if png := _fetch_png(val_data, "class_distribution.png", dest):
+        data.append(("Class distribution per split (prepare)", png))
+    augment_store = sibling(model, "augment")
+    augment = _committed(augment_store)
+    if augment is not None and inputs.get("train_data") == augment.get("fingerprint"):
+        assert augment_store is not None
+        for key, caption in (
+            ("class_balance.png", "Training classes before and after augmentation"),
+            ("augment_samples.png", "Augmented training samples"),
+        ):
+            if png := _fetch_png(augment_store, key, dest):
+                data.append((caption, png))
+    else:
+        augment = None
+    return training, data, augment
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def run_evaluate(
+    cfg: config.EvaluateConfig, model: Store, val_data: Store, out: Store, force: bool = False
+) -> dict[str, Any]:
+    """Evaluate `model` on the val split of `val_data`; returns the committed manifest."""
+    log = logs.get()
+    settings = stage_settings("evaluate", cfg)
+    inputs = input_fingerprints({"model": model.uri, "val_data": val_data.uri})
+    model_manifest = require_manifest(model, "model")
+    data_manifest = require_manifest(val_data, "val_data")
+    if not model.exists(MODEL_FILE):
+        raise InputError(f"{model.uri} has no {MODEL_FILE}")
+    prep = preprocessing_of(data_manifest)
+
+    def body(work: Path) -> dict[str, Any]:
+        with scratch_dir("skinlesion-evaluate-in-") as tmp:
+            model.get_file(MODEL_FILE, tmp / MODEL_FILE)
+            net = load_model(tmp / MODEL_FILE)
+            size = model_image_size(net)
+            if prep["image_size"] is not None and size != prep["image_size"]:
+                raise InputError(
+                    f"the model expects {size}x{size} images but {val_data.uri} holds "
+                    f"{prep['image_size']}x{prep['image_size']}"
+                )
+            paths, _ = shards.fetch_split(val_data, "val", tmp / "shards")
+            counts = [int(s.get("count", 0)) for s in shards.split_shards(data_manifest, "val")]
+            examples, proba = predict_shards(net, paths, cfg.batch_size, counts)
+            y = np.array([e.label for e in examples], dtype=np.int64)
+            metrics = compute_metrics(y, proba, cfg.ece_bins)
+            (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+            write_predictions(work / PREDICTIONS_FILE, examples, proba)
+            figures = [
+                (
+                    "Confusion matrix",
+                    plots.confusion_matrix_png(
+                        metrics["confusion_matrix"], work / "confusion_matrix.png"
+                    ),
+                ),
+                (
+                    "One-vs-rest ROC curves (melanoma highlighted)",
+                    plots.roc_png(y, proba, metrics["roc_auc_macro"], work / "roc.png"),
+                ),
+                (
+                    "Reliability diagram",
+                    plots.reliability_png(
+                        y, proba, cfg.ece_bins, metrics["ece"], work / "reliability.png"
+                    ),
+                ),
+            ]
+            pngs = tmp / "upstream"
+            pngs.mkdir()
+            training, data_plots, augment = upstream_figures(model, model_manifest, val_data, pngs)
+            report.write(
+                work / REPORT_FILE,
+                report.ReportInputs(
+                    metrics=metrics,
+                    plots=figures,
+                    training_plots=training,
+                    data_plots=data_plots,
+                    data_manifest=data_manifest,
+                    augment_manifest=augment,
+                    model_manifest=model_manifest,
+                    evaluate_settings=settings,
+                    sources={
+                        "model": model.uri,
+                        "validation data": val_data.uri,
+                        "report": out.uri,
+                    },
+                    created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                ),
+            )
+        return {
+            "metrics": headline(metrics),
+            "preprocessing": {**prep, "image_size": size},
+            "synthetic": bool(data_manifest.get("synthetic")),
+            "model_stage": model_manifest.get("stage"),
+        }
+
+    manifest = commit_stage("evaluate", out, settings, inputs, body, force)
+    log.info(
+        "evaluate_done",
+        out=out.uri,
+        synthetic=manifest.get("synthetic"),
+        **manifest.get("metrics", {}),
+    )
+    return manifest
