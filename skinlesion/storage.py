@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,6 +28,8 @@ from skinlesion.keys import safe_key
 
 CHUNK = 8 * 1024 * 1024
 ATTEMPTS = 5  # per S3 call (botocore) and per checksum mismatch (ours)
+RETRY_BASE_S = 0.1  # our backoff between whole-transfer attempts: 0.1, 0.2, 0.4, ... s
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,11 @@ def sha256_file(path: str | Path) -> str:
 
 
 class Store(Protocol):
-    """A prefix in an object store. Keys are relative, '/'-separated, validated."""
+    """A prefix in an object store. Keys are relative, '/'-separated, validated.
+
+    `list(prefix)` has directory semantics on every backend: it returns the objects
+    *under* `prefix/` (keys relative to the store), never an object named `prefix`.
+    """
 
     uri: str
 
@@ -89,6 +96,12 @@ def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
+def _rel(parts: tuple[str, ...]) -> str:
+    """A child path from user parts: empty parts and trailing '/' are ignored, but an
+    absolute part ('/etc') is refused rather than silently made relative."""
+    return safe_key("/".join(p.rstrip("/") for p in parts if p.strip("/")), "child path")
+
+
 # --- local files ----------------------------------------------------------------------
 
 
@@ -98,7 +111,7 @@ class FileStore:
         self.uri = self.root.as_uri()
 
     def child(self, *parts: str) -> FileStore:
-        return FileStore(self.root / safe_key(_join(*parts)))
+        return FileStore(self.root / _rel(parts))
 
     def _path(self, key: str) -> Path:
         return self.root / safe_key(key)
@@ -145,9 +158,7 @@ class FileStore:
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self.root / safe_key(prefix) if prefix else self.root
-        if base.is_file():
-            return [ObjectInfo(prefix, base.stat().st_size)]
-        if not base.is_dir():
+        if not base.is_dir():  # a file named `prefix` is not listed: same as S3
             return []
         out = []
         for path in base.rglob("*"):
@@ -162,42 +173,73 @@ class FileStore:
 # --- S3 -------------------------------------------------------------------------------
 
 
-def _s3_client() -> Any:
+_LOADER: Any = None  # botocore's JSON model loader, shared by every client
+
+
+def _s3_client(endpoint: str | None = None) -> Any:
+    """A boto3 S3 client; `endpoint` overrides AWS_ENDPOINT_URL(_S3) (tests, proxies)."""
+    global _LOADER
     import boto3
+    import botocore.session
     from botocore.config import Config
+    from botocore.loaders import create_loader
 
     config = Config(
-        retries={"mode": "standard", "max_attempts": ATTEMPTS},
+        retries={"mode": "standard", "total_max_attempts": ATTEMPTS},  # incl. the first
         connect_timeout=10,
         read_timeout=120,
         s3={"addressing_style": "path"},
         request_checksum_calculation="when_supported",
         response_checksum_validation="when_supported",
     )
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = (
+        endpoint
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.session.Session().client(
+    # A fresh session reads credentials from the environment every time; only the
+    # (static) service-model loader is shared, which makes a client ~10x cheaper.
+    _LOADER = _LOADER or create_loader()
+    session = botocore.session.get_session()
+    session.register_component("data_loader", _LOADER)
+    return boto3.session.Session(botocore_session=session).client(
         "s3", endpoint_url=endpoint, region_name=region, config=config
     )
+
+
+class _TransferError(StoreError):
+    """A response body that arrived cut off or failed botocore's own checksum check:
+    botocore does not retry these (they happen after the response headers), we do."""
 
 
 class S3Store:
     def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
         if not bucket:
             raise InputError("S3 URI needs a bucket: s3://bucket/prefix")
+        if not _BUCKET.fullmatch(bucket):
+            raise InputError(f"invalid S3 bucket name {bucket!r}: 3-63 of a-z 0-9 . -")
         self.bucket = bucket
         self.prefix = safe_key(prefix.strip("/")) if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client = client or _s3_client()
 
     def child(self, *parts: str) -> S3Store:
-        return S3Store(self.bucket, _join(self.prefix, safe_key(_join(*parts))), self._client)
+        return S3Store(self.bucket, _join(self.prefix, _rel(parts)), self._client)
 
     def _key(self, key: str) -> str:
         return _join(self.prefix, safe_key(key))
 
     def _call(self, what: str, key: str, fn: Any, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import RetriesExceededError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            FlexibleChecksumError,
+            IncompleteReadError,
+            ResponseStreamingError,
+        )
 
         try:
             return fn(Bucket=self.bucket, **kwargs)
@@ -210,23 +252,37 @@ class S3Store:
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 raise InputError(f"access denied ({code}) to {self.uri}/{key}") from None
             raise StoreError(f"S3 {what} {self.uri}/{key} failed: {code}") from exc
+        except (FlexibleChecksumError, IncompleteReadError, ResponseStreamingError) as exc:
+            raise _TransferError(f"{type(exc).__name__}: {exc}") from exc
         except BotoCoreError as exc:
             raise StoreError(f"S3 {what} {self.uri}/{key} failed: {type(exc).__name__}") from exc
+        except RetriesExceededError as exc:  # s3transfer gave up re-reading a download
+            raise StoreError(f"S3 {what} {self.uri}/{key} failed: {exc}") from exc
 
     def _verified(self, key: str, fetch: Any) -> Any:
-        """Run `fetch() -> (result, digest, expected)` until the digest matches."""
+        """Run `fetch() -> (result, digest, expected)` until the digest matches (our
+        sha256 metadata) and the body arrived whole (botocore's CRC, length)."""
+        problem = ""
         for attempt in range(1, ATTEMPTS + 1):
-            result, digest, expected = fetch()
-            if not expected or digest == expected:
-                return result
-            logs.get().warning("checksum_mismatch", key=f"{self.uri}/{key}", attempt=attempt)
-            time.sleep(min(2.0, 0.1 * 2**attempt))
-        raise StoreError(f"checksum mismatch reading {self.uri}/{key} after {ATTEMPTS} attempts")
+            try:
+                result, digest, expected = fetch()
+            except _TransferError as exc:
+                problem = str(exc)
+            else:
+                if not expected or digest == expected:
+                    return result
+                problem = "sha256 checksum mismatch"
+            logs.get().warning(
+                "transfer_retry", key=f"{self.uri}/{key}", attempt=attempt, problem=problem
+            )
+            if attempt < ATTEMPTS:
+                time.sleep(min(2.0, RETRY_BASE_S * 2 ** (attempt - 1)))
+        raise StoreError(f"reading {self.uri}/{key} failed after {ATTEMPTS} attempts: {problem}")
 
     def get_bytes(self, key: str) -> bytes:
         def fetch() -> tuple[bytes, str, str]:
             resp = self._call("get", key, self._client.get_object, Key=self._key(key))
-            data = resp["Body"].read()
+            data = self._call("read", key, lambda **_: resp["Body"].read())
             return data, sha256_bytes(data), resp.get("Metadata", {}).get("sha256", "")
 
         return self._verified(key, fetch)  # type: ignore[no-any-return]
@@ -234,7 +290,11 @@ class S3Store:
     def put_bytes(self, key: str, data: bytes) -> str:
         digest = sha256_bytes(data)
         self._call(
-            "put", key, self._client.put_object, Key=self._key(key), Body=data,
+            "put",
+            key,
+            self._client.put_object,
+            Key=self._key(key),
+            Body=data,
             Metadata={"sha256": digest},
         )
         return digest
@@ -246,8 +306,17 @@ class S3Store:
         def fetch() -> tuple[None, str, str]:
             head = self._call("head", key, self._client.head_object, Key=self._key(key))
             tmp = dest.with_name(f".tmp-{dest.name}")
-            self._call("download", key, self._client.download_file, Key=self._key(key),
-                       Filename=str(tmp))
+            try:
+                self._call(
+                    "download",
+                    key,
+                    self._client.download_file,
+                    Key=self._key(key),
+                    Filename=str(tmp),
+                )
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             digest = sha256_file(tmp)
             expected = head.get("Metadata", {}).get("sha256", "")
             if not expected or digest == expected:
@@ -261,7 +330,11 @@ class S3Store:
     def put_file(self, src: str | Path, key: str) -> str:
         digest = sha256_file(src)
         self._call(
-            "upload", key, self._client.upload_file, Filename=str(src), Key=self._key(key),
+            "upload",
+            key,
+            self._client.upload_file,
+            Filename=str(src),
+            Key=self._key(key),
             ExtraArgs={"Metadata": {"sha256": digest}},
         )
         return digest
@@ -279,8 +352,12 @@ class S3Store:
         full = _join(self.prefix, safe_key(prefix)) if prefix else self.prefix
         paginator = self._client.get_paginator("list_objects_v2")
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": f"{full}/" if full else ""}
-        pages = self._call("list", prefix, lambda **kw: list(paginator.paginate(**kw)),
-                           **{k: v for k, v in kwargs.items() if k != "Bucket"})
+        pages = self._call(
+            "list",
+            prefix,
+            lambda **kw: list(paginator.paginate(**kw)),
+            **{k: v for k, v in kwargs.items() if k != "Bucket"},
+        )
         strip = len(self.prefix) + 1 if self.prefix else 0
         for page in pages:
             for obj in page.get("Contents", []):
@@ -299,6 +376,8 @@ def open_store(uri: str) -> Store:
         raise InputError("empty store URI")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
+        if parsed.query or parsed.fragment or parsed.params:
+            raise InputError(f"S3 URI must be s3://bucket/prefix, got {uri!r}")
         return S3Store(parsed.netloc, parsed.path)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
@@ -306,4 +385,6 @@ def open_store(uri: str) -> Store:
         return FileStore(parsed.path)
     if parsed.scheme == "":
         return FileStore(uri)
-    raise InputError(f"unsupported store URI scheme '{parsed.scheme}' in {uri!r} (s3:// or file://)")
+    raise InputError(
+        f"unsupported store URI scheme '{parsed.scheme}' in {uri!r} (s3:// or file://)"
+    )
