@@ -1,0 +1,88 @@
+"""Shared fixtures: a real SeaweedFS S3 server for the whole session, and stores.
+
+`s3_server` starts `weed mini` once (lazily: only sessions that use S3 pay for it),
+exports the standard AWS variables for the session and restores them at the end.
+It never skips: a server that cannot start fails the tests with its log.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from skinlesion.storage import FileStore, S3Store, open_store
+from tests import s3server
+
+# Variables that could point boto3 somewhere else than the test server, or read a
+# developer's real profile: removed for the session, restored afterwards.
+_AWS_ISOLATE = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Any test that (indirectly) uses the S3 server carries the `s3` marker, so that
+    `-m "not s3"` really deselects everything that starts SeaweedFS."""
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3Server]:
+    """SeaweedFS S3 on a free loopback port with credentials; AWS_* set for the session."""
+    base: Path = tmp_path_factory.mktemp("seaweedfs")
+    try:
+        server = s3server.start(base)
+    except s3server.S3ServerError as exc:
+        pytest.fail(f"cannot start the SeaweedFS S3 test server:\n{exc}", pytrace=False)
+    saved = {
+        k: os.environ.get(k)
+        for k in (*_AWS_ISOLATE, *server.env(), "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+    }
+    for key in _AWS_ISOLATE:
+        os.environ.pop(key, None)
+    os.environ.update(server.env())
+    # No ~/.aws files: only the variables above configure boto3 in tests.
+    os.environ["AWS_CONFIG_FILE"] = str(base / "aws-config-none")
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(base / "aws-credentials-none")
+    try:
+        yield server
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_uri(s3_server: s3server.S3Server) -> str:
+    """A fresh, empty `s3://bucket/<unique>` prefix for one test."""
+    return f"s3://{s3_server.bucket}/t/{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture
+def s3_store(s3_uri: str) -> S3Store:
+    """An S3Store on a fresh prefix, built the way the code builds it (open_store)."""
+    store = open_store(s3_uri)
+    assert isinstance(store, S3Store)
+    return store
+
+
+@pytest.fixture
+def file_store(tmp_path: Path) -> FileStore:
+    """A FileStore on an empty directory of this test."""
+    store = open_store(str(tmp_path / "store"))
+    assert isinstance(store, FileStore)
+    return store
