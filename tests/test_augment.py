@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from skinlesion import augment, pipeline, shards
+from skinlesion import augment, cli, pipeline, shards
 from skinlesion.augment import Params, apply_params
 from skinlesion.classes import CLASSES, INDEX
 from skinlesion.config import AugmentConfig, PipelineConfig
 from skinlesion.errors import DataError, InputError
 from skinlesion.manifest import commit_stage
-from skinlesion.storage import FileStore, open_store
+from skinlesion.storage import FileStore, S3Store, open_store
 
 SIZE = 48
 # Train images per class of the hand-built prepared set: bkl is above the target (kept as
@@ -83,7 +83,7 @@ def _write_prepared(store: FileStore) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One prepared set, augmented three times: seed 0, seed 0 again elsewhere, seed 1."""
+    """One prepared set, augmented three times: seed 0, seed 0 again by the CLI, seed 1."""
     root = tmp_path_factory.mktemp("augment")
     layout = pipeline.RunLayout(root.as_uri(), "r1")
     prepared = open_store(layout.stage_uri("prepare"))
@@ -92,7 +92,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out_a = open_store(layout.stage_uri("augment"))
     manifest_a = augment.run_augment(CFG, prepared, out_a)
     out_b = open_store(f"{root.as_uri()}/same-seed")
-    augment.run_augment(CFG, prepared, out_b)
+    argv = ["augment", "--prepared", prepared.uri, "--out", out_b.uri, "--seed", "0"]
+    argv += ["--target-per-class", str(TARGET), "--scale-to-data", "false", "--shard-size", "16"]
+    assert cli.main(argv) == 0  # the CLI path (Jobs, pipeline) resolves the same settings
     out_c = open_store(f"{root.as_uri()}/other-seed")
     manifest_c = augment.run_augment(dataclasses.replace(CFG, seed=1), prepared, out_c)
     return {
@@ -212,6 +214,16 @@ def test_same_seed_gives_identical_shards_other_seed_differs(run: dict) -> None:
     assert [c["files"][f]["sha256"] for f in shard_files] != [
         a["files"][f]["sha256"] for f in shard_files
     ]
+
+
+def test_s3_input_and_output_give_the_same_files(run: dict, s3_store: S3Store) -> None:
+    prepared = s3_store.child("prepare")
+    for obj in run["prepared"].list():
+        prepared.put_bytes(obj.key, run["prepared"].get_bytes(obj.key))
+    manifest = augment.run_augment(CFG, prepared, s3_store.child("augment"))
+    assert manifest["inputs"] == run["manifest"]["inputs"]
+    assert manifest["files"] == run["manifest"]["files"]
+    assert s3_store.child("augment").exists("manifest.json")
 
 
 def test_fingerprint_matches_the_pipeline_and_rerun_is_skipped(run: dict) -> None:
