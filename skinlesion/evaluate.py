@@ -29,7 +29,7 @@ from skinlesion.manifest import commit_stage, read_manifest, require_manifest
 from skinlesion.metrics import compute_metrics, headline
 from skinlesion.pipeline import input_fingerprints, stage_settings
 from skinlesion.plots import evaluation as plots
-from skinlesion.storage import Store, open_store
+from skinlesion.storage import Store, open_store, sha256_file
 
 MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
@@ -235,6 +235,7 @@ def run_evaluate(
     def body(work: Path) -> dict[str, Any]:
         with scratch_dir("skinlesion-evaluate-in-") as tmp:
             model.get_file(MODEL_FILE, tmp / MODEL_FILE)
+            model_sha = sha256_file(tmp / MODEL_FILE)
             net = load_model(tmp / MODEL_FILE)
             size = model_image_size(net)
             if prep["image_size"] is not None and size != prep["image_size"]:
@@ -294,6 +295,7 @@ def run_evaluate(
             "preprocessing": {**prep, "image_size": size},
             "synthetic": bool(data_manifest.get("synthetic")),
             "model_stage": model_manifest.get("stage"),
+            "model_sha256": model_sha,  # what promote checks it is promoting
         }
 
     manifest = commit_stage("evaluate", out, settings, inputs, body, force)

@@ -334,6 +334,7 @@ def test_evaluate_end_to_end(run_store: FileStore) -> None:
         "jpeg_quality": 95,
     }
     assert manifest["synthetic"] is True
+    assert manifest["model_sha256"] == read_manifest(finetune)["files"]["model.keras"]["sha256"]  # type: ignore[index]
 
     page = out.get_bytes("report.html").decode()
     tags = _assert_self_contained(page)

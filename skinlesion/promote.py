@@ -1,0 +1,217 @@
+"""Promote stage: replace the champion (`models/latest`) when the candidate beats it.
+
+Rule: the candidate's `metric` (balanced accuracy by default) must beat the
+champion's by more than `min_improvement`, and its melanoma recall must not
+drop by more than `melanoma_recall_margin`. With no champion the candidate is
+promoted. The decision and both scores are recorded either way, in
+`runs/<id>/promote/decision.json` and in that prefix's manifest.
+
+The champion prefix follows the commit protocol too: the old `manifest.json`
+is removed first, the files are copied, the new manifest is written last, so
+a reader never takes a half-copied champion for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from skinlesion import config, logs
+from skinlesion.classes import MELANOMA
+from skinlesion.errors import InputError
+from skinlesion.evaluate import (
+    METRICS_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    scratch_dir,
+    sibling_uri,
+)
+from skinlesion.manifest import MANIFEST, clear, commit_stage, read_manifest, require_manifest
+from skinlesion.metrics import headline
+from skinlesion.pipeline import input_fingerprints, stage_settings
+from skinlesion.storage import Store, get_json, open_store, put_json
+
+DECISION_FILE = "decision.json"
+CHAMPION_STAGE = "champion"
+_EPS = 1e-12  # float slack on the melanoma-recall margin (0.5 - 0.48 > 0.02 in binary)
+
+
+def promote_uri(candidate_uri: str) -> str:
+    """The promote stage's own prefix: the sibling of the evaluate prefix."""
+    uri = sibling_uri(candidate_uri, "promote")
+    if uri is None:
+        raise InputError(f"candidate {candidate_uri} is not a stage prefix (…/runs/<id>/evaluate)")
+    return uri
+
+
+def _scores(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
+    mel = metrics.get("per_class", {}).get(MELANOMA, {})
+    return {
+        "metric": metrics.get(metric),
+        "mel_recall": mel.get("recall"),
+        "mel_support": mel.get("support"),
+    }
+
+
+def decide(
+    cfg: config.PromoteConfig, candidate: dict[str, Any], champion: dict[str, Any] | None
+) -> tuple[bool, str]:
+    """(promote?, reason) from the candidate's and the champion's `_scores`."""
+    name = cfg.metric
+    if candidate["metric"] is None:
+        return False, f"the candidate has no {name} (undefined on its validation data)"
+    if champion is None:
+        return True, "no champion yet"
+    if not candidate["mel_support"]:
+        return False, "melanoma recall cannot be checked: no melanoma in the candidate's val data"
+    if champion["metric"] is None:
+        beats, versus = True, f"the champion has no {name}"
+    else:
+        gain = candidate["metric"] - champion["metric"]
+        beats = gain > cfg.min_improvement
+        versus = (
+            f"{name} {candidate['metric']:.4f} vs champion {champion['metric']:.4f} "
+            f"(gain {gain:+.4f}, needed > {cfg.min_improvement:.4f})"
+        )
+    if not beats:
+        return False, f"does not beat the champion: {versus}"
+    drop = (champion["mel_recall"] or 0.0) - candidate["mel_recall"]
+    if drop > cfg.melanoma_recall_margin + _EPS:
+        return False, (
+            f"melanoma recall drops by {drop:.4f} ({candidate['mel_recall']:.4f} vs champion "
+            f"{champion['mel_recall']:.4f}), more than the margin "
+            f"{cfg.melanoma_recall_margin:.4f}; {versus}"
+        )
+    return True, f"beats the champion: {versus}; melanoma recall change {-drop:+.4f}"
+
+
+def publish_champion(
+    target: Store, model: Store, candidate: Store, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """Replace the champion under `target`: uncommit, copy, write the manifest last."""
+    clear(target, keep_state=False)  # removes manifest.json first, then the old files
+    files: dict[str, dict[str, Any]] = {}
+    with scratch_dir("skinlesion-promote-") as tmp:
+        for source, key in (
+            (model, MODEL_FILE),
+            (candidate, METRICS_FILE),
+            (candidate, REPORT_FILE),
+        ):
+            if key == REPORT_FILE and not source.exists(key):
+                continue
+            local = tmp / key
+            source.get_file(key, local)
+            files[key] = {"sha256": target.put_file(local, key), "size": local.stat().st_size}
+    manifest = {**fields, "files": files}
+    put_json(target, MANIFEST, manifest)  # the commit mark, written last
+    return manifest
+
+
+def run_promote(
+    cfg: config.PromoteConfig,
+    candidate: Store,
+    model: Store,
+    target: Store,
+    run_id: str,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Decide, promote when the rule says so, record the decision; returns the manifest."""
+    log = logs.get()
+    settings = stage_settings("promote", cfg)
+    inputs = input_fingerprints({"candidate": candidate.uri, "model": model.uri})
+    out = open_store(promote_uri(candidate.uri))
+    evaluation = require_manifest(candidate, "candidate")
+    model_manifest = require_manifest(model, "model")
+    # The model's identity is its content: two runs with the same settings and inputs
+    # share a fingerprint but not their trained weights.
+    model_sha = ((model_manifest.get("files") or {}).get(MODEL_FILE) or {}).get("sha256")
+    if not model_sha:
+        raise InputError(f"{model.uri}/{MANIFEST} does not record {MODEL_FILE}")
+    evaluated = evaluation.get("model_sha256")
+    if (evaluation.get("inputs", {}) or {}).get("model") != model_manifest["fingerprint"] or (
+        evaluated is not None and evaluated != model_sha
+    ):
+        raise InputError(
+            f"candidate {candidate.uri} is an evaluation of another model than {model.uri}"
+        )
+
+    def body(work: Path) -> dict[str, Any]:
+        metrics = get_json(candidate, METRICS_FILE)
+        cand = _scores(metrics, cfg.metric)
+        current = read_manifest(target)
+        champ: dict[str, Any] | None = None
+        same_val: bool | None = None
+        if current is not None:
+            champ = {
+                **_scores(get_json(target, METRICS_FILE), cfg.metric),
+                "run_id": current.get("run_id"),
+                "promoted_at": current.get("promoted_at"),
+                "model_uri": current.get("model_uri"),
+            }
+            same_val = current.get("val_data_fingerprint") == evaluation["inputs"].get("val_data")
+        if current is not None and current.get("model_sha256") == model_sha:
+            promoted, reason = True, "already the champion (an earlier attempt promoted it)"
+        else:
+            promoted, reason = decide(cfg, cand, champ)
+            if promoted:
+                publish_champion(
+                    target,
+                    model,
+                    candidate,
+                    {
+                        "stage": CHAMPION_STAGE,
+                        "fingerprint": model_sha,  # the champion is its model file
+                        "model_sha256": model_sha,
+                        "model_fingerprint": model_manifest["fingerprint"],
+                        "model_uri": model.uri,
+                        "model_stage": model_manifest.get("stage"),
+                        "evaluation_uri": candidate.uri,
+                        "evaluation_fingerprint": evaluation["fingerprint"],
+                        "val_data_fingerprint": evaluation["inputs"].get("val_data"),
+                        "run_id": run_id,
+                        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "metric": cfg.metric,
+                        "metric_value": cand["metric"],
+                        "mel_recall": cand["mel_recall"],
+                        "metrics": headline(metrics),
+                        "preprocessing": evaluation.get("preprocessing"),
+                        "synthetic": evaluation.get("synthetic"),
+                        "backbone": model_manifest.get("backbone"),
+                        "image_size": model_manifest.get("image_size"),
+                        "settings": model_manifest.get("settings"),
+                    },
+                )
+        if same_val is False:
+            reason += " (note: the champion was evaluated on other validation data)"
+        decision = {
+            "promoted": promoted,
+            "reason": reason,
+            "metric": cfg.metric,
+            "min_improvement": cfg.min_improvement,
+            "melanoma_recall_margin": cfg.melanoma_recall_margin,
+            "candidate": {**cand, "run_id": run_id, "evaluation_uri": candidate.uri},
+            "champion": champ,
+            "same_val_data": same_val,
+            "run_id": run_id,
+            "target": target.uri,
+        }
+        (work / DECISION_FILE).write_text(json.dumps(decision, indent=2, allow_nan=False) + "\n")
+        return {"decision": decision}
+
+    manifest = commit_stage("promote", out, settings, inputs, body, force)
+    decision = manifest.get("decision", {})
+    champion = decision.get("champion") or {}
+    log.info(
+        "promote_done",
+        promoted=decision.get("promoted"),
+        reason=decision.get("reason"),
+        metric=decision.get("metric"),
+        candidate_metric=(decision.get("candidate") or {}).get("metric"),
+        candidate_mel_recall=(decision.get("candidate") or {}).get("mel_recall"),
+        champion_metric=champion.get("metric"),
+        champion_mel_recall=champion.get("mel_recall"),
+        target=target.uri,
+    )
+    return manifest
