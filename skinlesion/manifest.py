@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from skinlesion import __version__, logs
-from skinlesion.errors import InputError
+from skinlesion.errors import InputError, StageFailed
 from skinlesion.storage import Store, get_json, put_json
 
 MANIFEST = "manifest.json"
 # Objects under this sub-prefix survive an uncommitted restart (training resume state).
 STATE_PREFIX = "state"
+_PROTOCOL_FIELDS = frozenset(
+    {"stage", "fingerprint", "settings", "inputs", "files", "created_at", "skinlesion_version"}
+)
 
 
 def fingerprint(stage: str, settings: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
@@ -87,6 +90,7 @@ def commit_stage(
     existing = read_manifest(out)
     if existing is not None and existing.get("fingerprint") == fp and not force:
         log.info("stage_already_done", out=out.uri, fingerprint=fp[:12])
+        _drop_state(out)  # left behind if a crash came between commit and clean-up
         return existing
     # A committed prefix with other settings/inputs is stale: uncommit, then clear.
     # An uncommitted prefix is a crashed attempt: keep its resume state.
@@ -95,8 +99,19 @@ def commit_stage(
     with tempfile.TemporaryDirectory(prefix=f"skinlesion-{stage}-", dir=scratch) as tmp:
         work = Path(tmp)
         extra = dict(body(work))
+        clash = sorted(set(extra) & _PROTOCOL_FIELDS)
+        if clash:  # would silently replace the fingerprint, the file list, ...
+            raise StageFailed(stage, f"manifest fields {clash} are reserved for the protocol")
         files: dict[str, dict[str, Any]] = {}
-        for path in sorted(p for p in work.rglob("*") if p.is_file()):
+        paths = sorted(p for p in work.rglob("*") if p.is_file())
+        for path in paths:
+            key = path.relative_to(work).as_posix()
+            if key == MANIFEST or key.startswith(f"{STATE_PREFIX}/"):
+                # manifest.json would be a premature commit mark; state/ is deleted at commit.
+                raise StageFailed(
+                    stage, f"output '{key}' uses a reserved name ({MANIFEST}, {STATE_PREFIX}/)"
+                )
+        for path in paths:
             key = path.relative_to(work).as_posix()
             files[key] = {"sha256": out.put_file(path, key), "size": path.stat().st_size}
     manifest = {
@@ -110,6 +125,11 @@ def commit_stage(
         **extra,
     }
     put_json(out, MANIFEST, manifest)  # the commit mark, written last
-    for obj in out.list(STATE_PREFIX):  # resume state is useless once committed
-        out.delete(obj.key)
+    _drop_state(out)
     return manifest
+
+
+def _drop_state(out: Store) -> None:
+    """Resume state is useless once the stage is committed."""
+    for obj in out.list(STATE_PREFIX):
+        out.delete(obj.key)
