@@ -38,8 +38,6 @@ PORT_FLAGS = (
     "filer.port.grpc",
     "s3.port",
     "s3.port.grpc",
-    "admin.port",
-    "admin.port.grpc",
 )
 
 
@@ -126,6 +124,23 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def admin_port(taken: set[int]) -> int:
+    """A free port p with p + 10000 free too: the admin server's plugin worker dials
+    admin.port + 10000 whatever -admin.port.grpc says, so leave the gRPC port at that
+    default."""
+    for _ in range(200):
+        (port,) = free_ports(1)
+        if port + 10000 > 65535 or {port, port + 10000} & taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise S3ServerError("no free port pair for the SeaweedFS admin server")
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: SIGTERM the server if the test process dies without cleaning up."""
     with contextlib.suppress(Exception):
@@ -154,6 +169,7 @@ def start(
     config_path.write_text(json.dumps(identities))
     config_path.chmod(0o600)
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+    ports["admin.port"] = admin_port(set(ports.values()))
     command = [
         weed_binary(),
         "mini",
@@ -174,6 +190,7 @@ def start(
         # Keep memory and disk small: few, small volumes.
         "-master.volumeSizeLimitMB=32",
         "-volume.max=16",
+        "-volume.preStopSeconds=0",  # throwaway data: stop at once
     ]
     log_path = base_dir / "weed.log"
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
