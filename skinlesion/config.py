@@ -191,6 +191,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 C = TypeVar("C")
+_YAML_TRUE = ("on", "yes", "true")
+_YAML_FALSE = ("off", "no", "false")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -203,6 +205,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     origin = get_origin(hint)
     if origin is Literal:
         choices = get_args(hint)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no/true/false as booleans
+            words = _YAML_TRUE if value else _YAML_FALSE
+            named = [c for c in choices if isinstance(c, str) and c.lower() in words]
+            value = named[0] if len(named) == 1 else value
         if value not in choices:
             raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
@@ -249,7 +255,7 @@ def build(
     """Build a (nested) config dataclass from a mapping over `base` (or the defaults)."""
     values = values or {}
     if not isinstance(values, Mapping):
-        raise ConfigError(path or "<root>", f"must be a mapping, got {values!r}")
+        raise ConfigError(path.rstrip(".") or "<root>", f"must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in values:
@@ -292,6 +298,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # "train=1" and then "train.batch_size=2"
+                raise ConfigError(dotted.strip(), f"'{part}' was already given a value")
         node[parts[-1]] = yaml.safe_load(raw) if raw else ""
     return tree
 
@@ -360,7 +368,9 @@ def section_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C
     path = getattr(args, "config", None)
     if path:
         data = read_yaml(path)
-        data = data.get(section, {}) if section in data else data
+        pipeline_keys = {f.name for f in dataclasses.fields(PipelineConfig)}
+        if set(data) & pipeline_keys:  # a pipeline file: its section, possibly absent
+            data = data.get(section) or {}
         cfg = build(cls, data, cfg, f"{section}.")
     flags = {
         f.name: getattr(args, f"cfg_{f.name}")
