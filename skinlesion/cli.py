@@ -114,6 +114,7 @@ def _promote(args: argparse.Namespace) -> int:
         open_store(args.target),
         run_id=args.run_id,
         force=args.force,
+        out=open_store(args.out) if args.out else None,
     )
     return 0
 
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", required=True, help="evaluate output URI")
     p.add_argument("--model", required=True, help="train/finetune output URI")
     p.add_argument("--target", required=True, help="champion URI (…/models/latest)")
+    p.add_argument("--out", help="this stage's prefix (default: sibling 'promote' of --candidate)")
     p.set_defaults(handler=_promote)
 
     p = _stage_parser(sub, "predict", "class probabilities for images, as JSON")

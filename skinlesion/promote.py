@@ -116,12 +116,17 @@ def run_promote(
     target: Store,
     run_id: str,
     force: bool = False,
+    out: Store | None = None,
 ) -> dict[str, Any]:
-    """Decide, promote when the rule says so, record the decision; returns the manifest."""
+    """Decide, promote when the rule says so, record the decision; returns the manifest.
+
+    `out` is this stage's prefix; by default the sibling `promote` of the candidate's
+    (`…/runs/<id>/evaluate` -> `…/runs/<id>/promote`), where the pipeline puts it.
+    """
     log = logs.get()
     settings = stage_settings("promote", cfg)
     inputs = input_fingerprints({"candidate": candidate.uri, "model": model.uri})
-    out = open_store(promote_uri(candidate.uri))
+    out = out if out is not None else open_store(promote_uri(candidate.uri))
     evaluation = require_manifest(candidate, "candidate")
     model_manifest = require_manifest(model, "model")
     # The model's identity is its content: two runs with the same settings and inputs

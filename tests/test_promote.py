@@ -236,3 +236,11 @@ def test_promotion_on_s3(s3_uri: str) -> None:
     assert worse["decision"]["promoted"] is False
     assert target.get_bytes("model.keras") == blob
     assert get_json(store.child("runs", "r3", "promote"), "decision.json")["promoted"] is False
+
+
+def test_explicit_out_prefix(store: FileStore) -> None:
+    evaluation, model, _ = make_candidate(store, "r1", 0.6, 0.5)
+    out = store.child("elsewhere", "promote")
+    manifest = run_promote(CFG, evaluation, model, store.child("models", "latest"), "r1", out=out)
+    assert read_manifest(out) == manifest
+    assert read_manifest(store.child("runs", "r1", "promote")) is None
