@@ -1,0 +1,314 @@
+"""The classifier: a keras.applications backbone plus the reference head.
+
+    input (float32, 0..255, H x W x 3)
+      -> the backbone's own preprocess_input (inside the model, saved with it)
+      -> backbone, include_top=False
+      -> GlobalAveragePooling2D -> Dense(dense_units, relu) -> Dropout -> Dense(7, softmax)
+
+Preprocessing per backbone: ResNets use caffe mode (RGB->BGR, ImageNet mean
+subtracted) as graph ops before the base; MobileNetV3 and EfficientNet carry
+their preprocessing as layers inside the base (Rescaling, and Normalization
+for EfficientNet), so their `preprocess_input` is a pass-through. The model is
+built from built-in layers and ops only: `keras.saving.load_model` reads it
+without custom objects.
+
+Weights (`train.weights`): "imagenet" (Keras download), "none" (random; the
+whole base is trained, with BatchNorm in training mode) or the store URI of a
+`.weights.h5` file of the base alone (air-gapped clusters; write one with
+`save_base_weights` / `python -m skinlesion.model mirror ...`).
+
+Fine-tuning unfreezes the backbone's last block, selected by layer-name
+prefixes (LAST_BLOCK); BatchNorm layers stay frozen, hence in inference mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skinlesion import logs
+from skinlesion.classes import NUM_CLASSES
+from skinlesion.config import TrainConfig
+from skinlesion.errors import InputError
+from skinlesion.storage import Store, open_store
+
+HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "predictions")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    constructor: str  # attribute of keras.applications
+    module: str  # keras.applications.<module> holding preprocess_input
+    last_block: tuple[str, ...]  # layer-name prefixes of the block fine-tuning unfreezes
+
+
+# Last blocks: ResNets: stage conv5 (3 bottleneck blocks; layer 483 of 514 in the
+# reference's ResNet152). EfficientNetB0: block7a (the last MBConv) and the top 1x1 conv
+# + BN. MobileNetV3Small: expanded_conv_10 (the last inverted-residual block) and the
+# final 1x1 conv `conv_1` + BN.
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("resnet152", "ResNet152", "resnet", ("conv5_",)),
+        Backbone("resnet50", "ResNet50", "resnet", ("conv5_",)),
+        Backbone("efficientnetb0", "EfficientNetB0", "efficientnet", ("block7a_", "top_")),
+        Backbone(
+            "mobilenetv3small", "MobileNetV3Small", "mobilenet_v3", ("expanded_conv_10_", "conv_1")
+        ),
+    )
+}
+
+# EfficientNet built with weights="imagenet" gets an extra Rescaling after its
+# Normalization layer (keras issue tensorflow#49930); a base built without it and loaded
+# from a mirrored ImageNet file gets the same effect through the Normalization variance.
+_IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def _keras() -> Any:
+    import keras
+
+    return keras
+
+
+def backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise InputError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})") from None
+
+
+def build_base(name: str, image_size: int, weights: str | None = None) -> Any:
+    """The backbone alone (include_top=False); weights None or "imagenet" (download)."""
+    keras = _keras()
+    spec = backbone(name)
+    ctor = getattr(keras.applications, spec.constructor)
+    return ctor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+
+
+def build_model(
+    name: str,
+    image_size: int,
+    *,
+    dense_units: int = 1000,
+    dropout: float = 0.25,
+    base_weights: str | None = None,
+    base_bn_training: bool = False,
+    num_classes: int = NUM_CLASSES,
+) -> Any:
+    """The full classifier with a fresh head; the base as `build_base` makes it.
+
+    `base_bn_training=False` calls the base with training=False (BatchNorm always in
+    inference mode, the transfer-learning rule); True lets BatchNorm follow the training
+    flag, which a randomly initialised base needs to learn its statistics.
+    """
+    keras = _keras()
+    layers = keras.layers
+    spec = backbone(name)
+    base = build_base(name, image_size, base_weights)
+    preprocess = getattr(keras.applications, spec.module).preprocess_input
+    inputs = keras.Input((image_size, image_size, 3), name="image")  # float 0..255
+    x = preprocess(inputs)
+    x = base(x, training=None if base_bn_training else False)
+    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    # float32 softmax even under mixed precision (numerically stable probabilities).
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(
+        x
+    )
+    return keras.Model(inputs, outputs, name=f"skinlesion_{name}")
+
+
+def build_for_config(cfg: TrainConfig, image_size: int, load_weights: bool = True) -> Any:
+    """The classifier `cfg` describes, ready for phase top.
+
+    imagenet / URI: pretrained base, frozen. none: random base, trainable (with a
+    warning: freezing random features would leave only the head to learn).
+    `load_weights=False` builds the same architecture without fetching any weights
+    (to receive the weights of a saved model).
+    """
+    uri = cfg.weights not in ("imagenet", "none")
+    scratch = cfg.weights == "none"
+    model = build_model(
+        cfg.backbone,
+        image_size,
+        dense_units=cfg.dense_units,
+        dropout=cfg.dropout,
+        base_weights="imagenet" if cfg.weights == "imagenet" and load_weights else None,
+        base_bn_training=scratch,
+    )
+    if uri and load_weights:
+        load_base_weights(get_base(model), cfg.weights)
+    if scratch:
+        if load_weights:
+            logs.get().warning(
+                "random_weights",
+                message="train.weights is 'none': the backbone starts from random weights "
+                "and is trained whole in phase top (expect lower accuracy than ImageNet)",
+                backbone=cfg.backbone,
+            )
+        train_whole_base(model)
+    else:
+        freeze_base(model)
+    return model
+
+
+def set_model_weights(model: Any, weights: list[Any]) -> None:
+    """`model.set_weights` plus the refresh Normalization layers need (EfficientNet's
+    mean/variance are cached at build; Keras refreshes them only when loading files)."""
+    keras = _keras()
+    model.set_weights(weights)
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.Model):
+            stack.extend(layer.layers)
+        elif isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()
+
+
+def get_base(model: Any) -> Any:
+    """The backbone sub-model of a classifier built by `build_model`."""
+    keras = _keras()
+    bases = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(bases) != 1:
+        raise InputError(f"model '{model.name}' is not a skinlesion classifier (no backbone)")
+    return bases[0]
+
+
+def _is_batchnorm(layer: Any) -> bool:
+    return isinstance(layer, _keras().layers.BatchNormalization)
+
+
+def freeze_base(model: Any) -> None:
+    get_base(model).trainable = False
+
+
+def train_whole_base(model: Any) -> None:
+    get_base(model).trainable = True
+
+
+def block_prefixes(name: str, override: str = "") -> tuple[str, ...]:
+    """Layer-name prefixes of the fine-tuned block: `override` (comma-separated) or default."""
+    if override.strip():
+        return tuple(p.strip() for p in override.split(",") if p.strip())
+    return backbone(name).last_block
+
+
+def unfreeze_block(model: Any, prefixes: Iterable[str]) -> list[str]:
+    """Make only the base layers matching `prefixes` trainable (BatchNorm stays frozen).
+
+    The head stays trainable. Returns the names of the base layers with trainable
+    weights now; a prefix matching no layer is an InputError.
+    """
+    prefixes = tuple(prefixes)
+    base = get_base(model)
+    names = [layer.name for layer in base.layers]
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise InputError(
+                f"fine-tune block '{prefix}' matches no layer of {base.name} "
+                f"(last layers: {', '.join(names[-5:])})"
+            )
+    base.trainable = True
+    unfrozen = []
+    for layer in base.layers:
+        in_block = layer.name.startswith(prefixes)
+        layer.trainable = in_block and not _is_batchnorm(layer)
+        if layer.trainable and layer.weights:
+            unfrozen.append(layer.name)
+    for name in HEAD_LAYERS:
+        model.get_layer(name).trainable = True
+    return unfrozen
+
+
+# --- weights files in the store ------------------------------------------------------
+
+
+def _split_uri(uri: str) -> tuple[Store, str]:
+    parent, _, key = uri.rstrip("/").rpartition("/")
+    if not key.endswith(".weights.h5") or "://" not in uri:
+        raise InputError(f"weights URI must be a store URI of a .weights.h5 file, got {uri!r}")
+    return open_store(parent), key
+
+
+def load_base_weights(base: Any, uri: str) -> None:
+    """Load a `.weights.h5` of the backbone alone from the store into `base`."""
+    store, key = _split_uri(uri)
+    if not store.exists(key):
+        raise InputError(f"weights file not found: {uri}")
+    with tempfile.TemporaryDirectory(prefix="skinlesion-weights-") as tmp:
+        local = Path(tmp) / key
+        store.get_file(key, local)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base.load_weights(local)
+        except (ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                f"weights file {uri} does not fit backbone {base.name}: {first}"
+            ) from None
+    _fix_efficientnet_imagenet_normalization(base)
+    logs.get().info("weights_loaded", uri=uri, backbone=base.name)
+
+
+def _fix_efficientnet_imagenet_normalization(base: Any) -> None:
+    import numpy as np
+
+    if not base.name.startswith("efficientnet"):
+        return
+    norm = next(
+        (layer for layer in base.layers if isinstance(layer, _keras().layers.Normalization)), None
+    )
+    if norm is None:
+        return
+    mean, variance, count = norm.get_weights()
+    std = np.asarray(_IMAGENET_STDDEV_RGB, dtype=variance.dtype)
+    if np.allclose(variance, std**2, rtol=1e-3):  # ImageNet file, built without the Rescaling
+        norm.set_weights([mean, variance * std, count])
+        norm.finalize_state()
+
+
+def save_base_weights(base: Any, uri: str) -> str:
+    """Write the backbone's weights to a `.weights.h5` store URI; returns its SHA-256."""
+    store, key = _split_uri(uri)
+    with tempfile.TemporaryDirectory(prefix="skinlesion-weights-") as tmp:
+        local = Path(tmp) / key
+        base.save_weights(local)
+        return store.put_file(local, key)
+
+
+def mirror_weights(name: str, uri: str, weights: str = "imagenet", image_size: int = 224) -> str:
+    """Build a backbone (ImageNet weights by default: needs internet) and store its weights."""
+    base = build_base(name, image_size, None if weights == "none" else weights)
+    return save_base_weights(base, uri)
+
+
+def load_model(path: str | Path) -> Any:
+    """Load a `.keras` classifier for inference (no optimizer)."""
+    return _keras().saving.load_model(path, compile=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m skinlesion.model mirror BACKBONE URI`: ImageNet weights into the store."""
+    parser = argparse.ArgumentParser(prog="python -m skinlesion.model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("mirror", help="download a backbone's ImageNet weights into the store")
+    p.add_argument("backbone", choices=sorted(BACKBONES))
+    p.add_argument("uri", help="store URI ending in .weights.h5 (then: --weights URI)")
+    args = parser.parse_args(argv)
+    logs.configure(stage="mirror-weights")
+    digest = mirror_weights(args.backbone, args.uri)
+    logs.get().info("weights_mirrored", backbone=args.backbone, uri=args.uri, sha256=digest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
