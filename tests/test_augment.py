@@ -398,3 +398,36 @@ def test_jpeg_roundtrip_helpers() -> None:
     )
     back = augment.decode_jpeg(data)
     assert back.shape == img.shape and back.dtype == np.uint8
+
+
+# --- the real path: synthetic HAM10000 tree -> prepare -> augment -------------------------
+
+
+@pytest.mark.slow
+def test_augment_after_prepare_on_synthetic_data(tmp_path: Path) -> None:
+    from skinlesion import prepare, synthetic
+    from skinlesion.config import load_pipeline
+
+    cfg = load_pipeline("tiny")
+    store = FileStore(tmp_path)
+    raw, prepared, out = store.child("raw"), store.child("prepare"), store.child("augment")
+    synthetic.write_sample_data(raw, images=cfg.synthetic_images, seed=3)
+    prep = prepare.run_prepare(cfg.prepare, raw, prepared)
+    manifest = augment.run_augment(cfg.augment, prepared, out)
+
+    before = prep["counts"]["train"]
+    target = cfg.augment.target_per_class  # the tiny preset does not scale
+    assert manifest["counts"]["before"] == before
+    assert manifest["counts"]["after"] == _expected_totals(before, cfg.augment, target)
+    assert manifest["image_size"] == prep["image_size"] == cfg.prepare.image_size
+    assert manifest["synthetic"] is True
+
+    examples = _examples(out, manifest, "train", tmp_path / "read")
+    counted = collections.Counter(CLASSES[ex.label] for ex in examples)
+    assert {c: counted[c] for c in CLASSES} == manifest["counts"]["after"]
+    val = _examples(prepared, prep, "val", tmp_path / "val")
+    val_ids = {ex.image_id for ex in val}
+    assert not {ex.image_id.split("_aug")[0] for ex in examples} & val_ids
+    size = cfg.prepare.image_size
+    for ex in examples[:: max(1, len(examples) // 40)]:
+        assert augment.decode_jpeg(ex.jpeg).shape == (size, size, 3)
