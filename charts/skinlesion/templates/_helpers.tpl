@@ -1,0 +1,406 @@
+{{/*
+Names, labels and the pod pieces shared by every workload of the chart.
+*/}}
+
+{{/* The chart name (app.kubernetes.io/name). */}}
+{{- define "skinlesion.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The resource name prefix, at most 63 characters (DNS label). A release whose name
+already contains the chart name is used as is.
+*/}}
+{{- define "skinlesion.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Chart name and version for the helm.sh/chart label. */}}
+{{- define "skinlesion.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object of the release carries. */}}
+{{- define "skinlesion.labels" -}}
+helm.sh/chart: {{ include "skinlesion.chart" . }}
+{{ include "skinlesion.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/part-of: {{ include "skinlesion.name" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Labels that identify the release (selectors). */}}
+{{- define "skinlesion.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "skinlesion.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* labels plus app.kubernetes.io/component. Call with (dict "root" $ "component" "x"). */}}
+{{- define "skinlesion.componentLabels" -}}
+{{ include "skinlesion.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* selectorLabels plus app.kubernetes.io/component. (dict "root" $ "component" "x") */}}
+{{- define "skinlesion.componentSelectorLabels" -}}
+{{ include "skinlesion.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Labels of a stage Job shape. The controller, not Helm, creates these Jobs, so
+managed-by names it. (dict "root" $ "component" "<stage>")
+*/}}
+{{- define "skinlesion.stageLabels" -}}
+helm.sh/chart: {{ include "skinlesion.chart" .root }}
+{{ include "skinlesion.componentSelectorLabels" . }}
+{{- if .root.Chart.AppVersion }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/part-of: {{ include "skinlesion.name" .root }}
+app.kubernetes.io/managed-by: skinlesion-controller
+{{- end }}
+
+{{/* --- object names (each a DNS label of at most 63 characters) --- */}}
+
+{{- define "skinlesion.serviceAccountName" -}}
+{{- include "skinlesion.fullname" . }}
+{{- end }}
+
+{{- define "skinlesion.controllerName" -}}
+{{- include "skinlesion.fullname" . | trunc 52 | trimSuffix "-" }}-controller
+{{- end }}
+
+{{- define "skinlesion.stagesConfigMapName" -}}
+{{- include "skinlesion.fullname" . | trunc 56 | trimSuffix "-" }}-stages
+{{- end }}
+
+{{- define "skinlesion.minioName" -}}
+{{- include "skinlesion.fullname" . | trunc 57 | trimSuffix "-" }}-minio
+{{- end }}
+
+{{/* CronJob names may have at most 52 characters (the Job name adds 11). */}}
+{{- define "skinlesion.cronJobName" -}}
+{{- include "skinlesion.fullname" . | trunc 44 | trimSuffix "-" }}-retrain
+{{- end }}
+
+{{/* The run id of the one-off controller Job: run.id, or rev-<revision>. */}}
+{{- define "skinlesion.runId" -}}
+{{- .Values.run.id | default (printf "rev-%d" (int .Release.Revision)) }}
+{{- end }}
+
+{{/* <fullname>-run-<run id>, shortening the prefix so that the run id stays whole. */}}
+{{- define "skinlesion.runJobName" -}}
+{{- $id := include "skinlesion.runId" . }}
+{{- $prefix := include "skinlesion.fullname" . | trunc (int (sub 58 (len $id))) | trimSuffix "-" }}
+{{- printf "%s-run-%s" $prefix $id }}
+{{- end }}
+
+{{/* --- store --- */}}
+
+{{/* s3://bucket or s3://bucket/prefix */}}
+{{- define "skinlesion.storeUri" -}}
+{{- if .Values.store.prefix }}
+{{- printf "s3://%s/%s" .Values.store.bucket .Values.store.prefix }}
+{{- else }}
+{{- printf "s3://%s" .Values.store.bucket }}
+{{- end }}
+{{- end }}
+
+{{- define "skinlesion.rawUri" -}}
+{{- .Values.store.raw | default (printf "%s/raw/HAM10000" (include "skinlesion.storeUri" .)) }}
+{{- end }}
+
+{{/* store.endpoint, else the in-chart MinIO when enabled, else empty (AWS S3). */}}
+{{- define "skinlesion.storeEndpoint" -}}
+{{- if .Values.store.endpoint }}
+{{- .Values.store.endpoint }}
+{{- else if .Values.minio.enabled }}
+{{- printf "http://%s.%s.svc:9000" (include "skinlesion.minioName" .) .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* S3 connection env: settings from values, credentials from the existing Secret. */}}
+{{- define "skinlesion.storeEnv" -}}
+- name: AWS_REGION
+  value: {{ .Values.store.region | quote }}
+{{- with (include "skinlesion.storeEndpoint" .) }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.store.existingSecret }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.store.existingSecret }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+
+{{/* --- pods --- */}}
+
+{{- define "skinlesion.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion }}
+{{- if hasPrefix "sha256:" $tag }}
+{{- printf "%s@%s" .Values.image.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+imagePullSecrets and the pool's nodeSelector / tolerations / affinity of a pod spec;
+empty when none is set. (dict "root" $ "pool" "cpu")
+*/}}
+{{- define "skinlesion.podPlacement" -}}
+{{- with .root.Values.image.pullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- include "skinlesion.scheduling" . }}
+{{- end }}
+
+{{/* The uid/gid of the image's user (Dockerfile). */}}
+{{- define "skinlesion.uid" -}}10001{{- end }}
+
+{{/* Pod Security Standard "restricted", pod level. */}}
+{{- define "skinlesion.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ include "skinlesion.uid" . }}
+runAsGroup: {{ include "skinlesion.uid" . }}
+fsGroup: {{ include "skinlesion.uid" . }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Pod Security Standard "restricted", container level, with a read-only root. */}}
+{{- define "skinlesion.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ include "skinlesion.uid" . }}
+runAsGroup: {{ include "skinlesion.uid" . }}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* nodeSelector / tolerations / affinity of a pool. (dict "root" $ "pool" "cpu") */}}
+{{- define "skinlesion.scheduling" -}}
+{{- $pool := index .root.Values.pools .pool }}
+{{- with $pool.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Job podFailurePolicy: a pod lost to node preemption or eviction (DisruptionTarget)
+is not counted; exit code 2 (bad input, errors.py) fails the Job at once.
+Call with the container name.
+*/}}
+{{- define "skinlesion.podFailurePolicy" -}}
+rules:
+  - action: Ignore
+    onPodConditions:
+      - type: DisruptionTarget
+        status: "True"
+  - action: FailJob
+    onExitCodes:
+      containerName: {{ . }}
+      operator: In
+      values: [2]
+{{- end }}
+
+{{/* The jobs/ entrypoint of each stage (finetune is the train entrypoint, phase finetune). */}}
+{{- define "skinlesion.stageEntrypoints" -}}
+prepare: prepare
+augment: augment
+train: train
+finetune: train
+evaluate: evaluate
+promote: promote
+{{- end }}
+
+{{/*
+A complete batch/v1 Job for one stage, without a name and without args: the
+controller names it <release>-<stage>-<run-id>[-<attempt>] and appends the
+stage's arguments. (dict "root" $ "stage" "<stage>")
+*/}}
+{{- define "skinlesion.stageJob" -}}
+{{- $root := .root }}
+{{- $s := index $root.Values.stages .stage }}
+{{- $entry := index (include "skinlesion.stageEntrypoints" . | fromYaml) .stage }}
+{{- $labels := dict "root" $root "component" .stage }}
+{{- $resources := deepCopy $s.resources }}
+{{- if and (eq $s.pool "gpu") $root.Values.pools.gpu.requestGpu }}
+{{- $limits := get $resources "limits" | default dict }}
+{{- $_ := set $limits "nvidia.com/gpu" (int $root.Values.pools.gpu.gpuCount) }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end -}}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "skinlesion.stageLabels" $labels | nindent 4 }}
+spec:
+  backoffLimit: {{ int $s.backoffLimit }}
+  activeDeadlineSeconds: {{ int $s.activeDeadlineSeconds }}
+  ttlSecondsAfterFinished: {{ int $root.Values.ttlSecondsAfterFinished }}
+  podFailurePolicy:
+    {{- include "skinlesion.podFailurePolicy" "stage" | nindent 4 }}
+  template:
+    metadata:
+      labels:
+        {{- include "skinlesion.stageLabels" $labels | nindent 8 }}
+    spec:
+      restartPolicy: Never
+      serviceAccountName: {{ include "skinlesion.serviceAccountName" $root }}
+      automountServiceAccountToken: false
+      enableServiceLinks: false
+      terminationGracePeriodSeconds: 60
+      securityContext:
+        {{- include "skinlesion.podSecurityContext" $root | nindent 8 }}
+      {{- with include "skinlesion.podPlacement" (dict "root" $root "pool" $s.pool) | trim }}
+      {{- . | nindent 6 }}
+      {{- end }}
+      containers:
+        - name: stage
+          image: {{ include "skinlesion.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: ["python", "/app/jobs/{{ $entry }}.py"]
+          env:
+            {{- include "skinlesion.storeEnv" $root | nindent 12 }}
+            - name: SKINLESION_SCRATCH
+              value: /scratch
+            - name: TMPDIR
+              value: /scratch
+            - name: HOME
+              value: /scratch
+          resources:
+            {{- toYaml $resources | nindent 12 }}
+          securityContext:
+            {{- include "skinlesion.containerSecurityContext" $root | nindent 12 }}
+          volumeMounts:
+            - name: scratch
+              mountPath: /scratch
+            - name: tmp
+              mountPath: /tmp
+      volumes:
+        - name: scratch
+          emptyDir:
+            sizeLimit: {{ $s.scratchSize }}
+        - name: tmp
+          emptyDir:
+            sizeLimit: 1Gi
+{{- end }}
+
+{{/*
+The controller pod template, shared by the one-off Job and the CronJob.
+(dict "root" $ "runArgs" (list "--run-id" "x"))
+*/}}
+{{- define "skinlesion.controllerPodTemplate" -}}
+{{- $root := .root -}}
+metadata:
+  labels:
+    {{- include "skinlesion.componentLabels" (dict "root" $root "component" "controller") | nindent 4 }}
+spec:
+  restartPolicy: Never
+  serviceAccountName: {{ include "skinlesion.serviceAccountName" $root }}
+  automountServiceAccountToken: true
+  enableServiceLinks: false
+  securityContext:
+    {{- include "skinlesion.podSecurityContext" $root | nindent 4 }}
+  {{- with include "skinlesion.podPlacement" (dict "root" $root "pool" "cpu") | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
+  containers:
+    - name: controller
+      image: {{ include "skinlesion.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      command: ["python", "/app/jobs/controller.py"]
+      args:
+        - --stages
+        - /etc/skinlesion/stages.yaml
+        - --config
+        - /etc/skinlesion/pipeline.yaml
+        - --preset
+        - {{ $root.Values.pipeline.preset | quote }}
+        - --namespace
+        - {{ $root.Release.Namespace | quote }}
+        - --release
+        - {{ $root.Release.Name | quote }}
+        - --store
+        - {{ include "skinlesion.storeUri" $root | quote }}
+        - --raw
+        - {{ include "skinlesion.rawUri" $root | quote }}
+        {{- range .runArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      env:
+        {{- include "skinlesion.storeEnv" $root | nindent 8 }}
+        - name: SKINLESION_JOB_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['job-name']
+        - name: HOME
+          value: /tmp
+        - name: TMPDIR
+          value: /tmp
+      resources:
+        {{- toYaml $root.Values.controller.resources | nindent 8 }}
+      securityContext:
+        {{- include "skinlesion.containerSecurityContext" $root | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/skinlesion
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "skinlesion.stagesConfigMapName" $root }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: 1Gi
+{{- end }}
+
+{{/* The controller Job spec (one-off Job and CronJob jobTemplate). (dict "root" $ "runArgs" ...) */}}
+{{- define "skinlesion.controllerJobSpec" -}}
+{{- $root := .root -}}
+backoffLimit: {{ int $root.Values.controller.backoffLimit }}
+activeDeadlineSeconds: {{ int $root.Values.controller.activeDeadlineSeconds }}
+ttlSecondsAfterFinished: {{ int $root.Values.ttlSecondsAfterFinished }}
+podFailurePolicy:
+  {{- include "skinlesion.podFailurePolicy" "controller" | nindent 2 }}
+template:
+  {{- include "skinlesion.controllerPodTemplate" . | nindent 2 }}
+{{- end }}
