@@ -105,6 +105,8 @@ def _kv_table(values: Mapping[str, Any]) -> str:
     for key, value in values.items():
         if isinstance(value, Mapping | list | tuple):
             shown = json.dumps(value, sort_keys=True, default=str)
+        elif isinstance(value, float):
+            shown = f"{value:.6g}"
         else:
             shown = value
         rows.append(f"<tr><th>{esc(key)}</th><td><code>{esc(shown)}</code></td></tr>")
