@@ -1,0 +1,175 @@
+"""Decode, resize and re-encode one JPEG (the per-image work of prepare), and the
+process pool that runs per-image work in parallel with bounded memory.
+
+`draft()` asks libjpeg to decode at the smallest DCT scale (1/2, 1/4, 1/8) that
+still covers the target size, which skips most of the decoding work for a
+600x450 -> 224x224 resize; the rest is an antialiased PIL resize.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from PIL import Image, UnidentifiedImageError
+
+from skinlesion.errors import DataError
+from skinlesion.storage import Store, open_store
+
+Resize = Literal["squash", "crop"]
+T = TypeVar("T")
+R = TypeVar("R")
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+)
+
+
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """The largest centred square box (left, top, right, bottom)."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash") -> Image.Image:
+    """The image as RGB `size` x `size`: `squash` resizes the whole frame, `crop`
+    takes the centre square first. DataError naming `name` when undecodable."""
+    try:
+        source = Image.open(io.BytesIO(data))
+        source.draft("RGB", (size, size))  # JPEG only: DCT downscale, both sides stay >= size
+        img = source.convert("RGB")
+        box = centre_square(*img.size) if resize == "crop" else None
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{name}: cannot decode image: {exc}") from None
+
+
+def resize_jpeg(
+    data: bytes, name: str, size: int, resize: Resize = "squash", quality: int = 95
+) -> bytes:
+    """JPEG bytes of the resized image (see `decode_resized`)."""
+    buf = io.BytesIO()
+    decode_resized(data, name, size, resize).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# --- prepare's worker: fetch + resize a chunk of images ------------------------------
+
+
+@dataclass(frozen=True)
+class ResizeJob:
+    images: tuple[tuple[str, str], ...]  # (store key, file name for errors)
+    size: int
+    resize: Resize
+    quality: int
+    skip_bad: bool  # undecodable images become a ResizeResult with an error
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    jpeg: bytes | None  # None: skipped, see error
+    error: str = ""
+
+
+_SOURCE: Store | None = None
+
+
+def init_worker(source_uri: str) -> None:
+    """Worker initializer: open the store the images are read from."""
+    global _SOURCE
+    _SOURCE = open_store(source_uri)
+
+
+def resize_chunk(job: ResizeJob) -> list[ResizeResult]:
+    """Fetch and resize each image of `job` (runs in a worker of `ordered_map`)."""
+    assert _SOURCE is not None, "init_worker was not called"
+    results = []
+    for key, name in job.images:
+        data = _SOURCE.get_bytes(key)
+        try:
+            results.append(ResizeResult(resize_jpeg(data, name, job.size, job.resize, job.quality)))
+        except DataError as exc:
+            if not job.skip_bad:
+                raise
+            results.append(ResizeResult(None, str(exc)))
+    return results
+
+
+# --- process pool for per-image work --------------------------------------------------
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota
+    (a pod limited to 2 CPUs on a 64-core node gets 2, not 64)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = count or 1
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            text = Path(path).read_text().split()
+            if path.endswith("cpu.max"):
+                quota, period = text[0], text[1]
+            else:
+                quota = text[0]
+                period = Path(path).with_name("cpu.cfs_period_us").read_text().strip()
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+        break
+    return count
+
+
+def resolve_workers(workers: int) -> int:
+    """`workers`, or one per available CPU when 0."""
+    return workers if workers > 0 else available_cpus()
+
+
+def _ignore_sigint(initializer: Callable[..., None] | None, *args: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    if initializer is not None:
+        initializer(*args)
+
+
+def ordered_map(
+    fn: Callable[[T], R],
+    tasks: Iterable[T],
+    workers: int,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+    window: int = 0,
+) -> Iterator[R]:
+    """`fn` over `tasks` in `workers` fresh ("spawn") processes, results in task order.
+
+    At most `window` tasks (default 4 per worker) are in flight, so neither the
+    tasks nor the results pile up in memory whatever their number. Worker
+    exceptions are re-raised here; a worker killed by the OS raises BrokenProcessPool.
+    """
+    window = window or 4 * workers
+    context = multiprocessing.get_context("spawn")  # never fork a process that loaded TF
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_ignore_sigint, initargs=(initializer, *initargs)
+    ) as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(fn, task))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -1,0 +1,123 @@
+"""Train/val splits of the HAM10000 metadata.
+
+- `lesion` (default): stratified by `dx` and grouped by `lesion_id`: no lesion
+  has images on both sides, each class sends about `val_fraction` of its images
+  to val. Lesions never span classes (validated), so the split is done class by
+  class: shuffle the class's lesions with the seed, then add a lesion to val
+  whenever that brings the class's val count closer to its target.
+- `seed`: the reference's image-level `train_test_split(df, test_size=0.2,
+  random_state=101, stratify=df["dx"])` (leaks lesions across the split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from skinlesion.classes import CLASSES
+from skinlesion.errors import DataError
+
+Method = Literal["lesion", "seed"]
+
+
+@dataclass(frozen=True)
+class Split:
+    method: Method
+    train: pd.DataFrame
+    val: pd.DataFrame
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{"train": {cls: n}, "val": {cls: n}} over every class, canonical order."""
+        return {"train": class_counts(self.train), "val": class_counts(self.val)}
+
+    @property
+    def lesions_in_both(self) -> int:
+        return lesions_in_both(self.train, self.val)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "split": self.method,
+            "counts": self.counts,
+            "lesions_in_both": self.lesions_in_both,
+        }
+
+
+def class_counts(frame: pd.DataFrame) -> dict[str, int]:
+    counts = frame["dx"].value_counts()
+    return {name: int(counts.get(name, 0)) for name in CLASSES}
+
+
+def lesions_in_both(train: pd.DataFrame, val: pd.DataFrame) -> int:
+    return len(set(train["lesion_id"]) & set(val["lesion_id"]))
+
+
+def seed_split(frame: pd.DataFrame, val_fraction: float = 0.2, seed: int = 101) -> Split:
+    """Exactly `train_test_split(frame, test_size, random_state, stratify=frame["dx"])`."""
+    try:
+        train, val = train_test_split(
+            frame, test_size=val_fraction, random_state=seed, stratify=frame["dx"]
+        )
+    except ValueError as exc:  # e.g. a class with a single image
+        raise DataError(f"seed split impossible: {exc}") from None
+    return Split("seed", train, val)
+
+
+def _val_lesions(sizes: pd.Series, fraction: float, rng: np.random.Generator) -> list[str]:
+    """Greedy pick of one class's lesions (index: lesion_id, value: images) for val."""
+    order = sizes.index.to_numpy()[rng.permutation(len(sizes))]
+    target = fraction * int(sizes.sum())
+    chosen: list[str] = []
+    total = 0
+    for lesion in order:
+        n = int(sizes[lesion])
+        if abs(total + n - target) < abs(total - target) or not chosen:
+            chosen.append(lesion)
+            total += n
+    if len(chosen) == len(sizes):  # keep at least one lesion for training
+        chosen.pop()
+    return chosen
+
+
+def lesion_split(frame: pd.DataFrame, val_fraction: float = 0.2, seed: int = 101) -> Split:
+    """Stratified by dx, grouped by lesion_id; both sides shuffled with the seed."""
+    rng = np.random.default_rng(seed)
+    val_ids: set[str] = set()
+    for name in CLASSES:
+        rows = frame[frame["dx"] == name]
+        if rows.empty:
+            continue
+        sizes = rows.groupby("lesion_id", sort=True).size()
+        val_ids.update(_val_lesions(sizes, val_fraction, rng))
+    in_val = frame["lesion_id"].isin(val_ids).to_numpy()
+    order = rng.permutation(len(frame))  # mix classes within each side (stable per seed)
+    shuffled = frame.iloc[order]
+    return Split("lesion", shuffled[~in_val[order]], shuffled[in_val[order]])
+
+
+def check_every_class(split: Split) -> None:
+    """Each class must have images on both sides (evaluation needs every class)."""
+    for side, counts in split.counts.items():
+        empty = [name for name, n in counts.items() if n == 0]
+        if empty:
+            hint = (
+                "each class needs at least 2 lesions"
+                if split.method == "lesion"
+                else "each class needs at least 2 images"
+            )
+            raise DataError(
+                f"{split.method} split: no {side} images of class(es) {', '.join(empty)} ({hint})"
+            )
+
+
+def make_split(
+    frame: pd.DataFrame, method: Method, val_fraction: float = 0.2, seed: int = 101
+) -> Split:
+    """The split of `frame` by `method`, checked to hold every class on both sides."""
+    split = (seed_split if method == "seed" else lesion_split)(frame, val_fraction, seed)
+    check_every_class(split)
+    return split
