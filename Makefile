@@ -63,3 +63,86 @@ bench: setup-dev
 
 clean:
 	rm -rf build store .pytest_cache .mypy_cache .ruff_cache
+
+# --- Kubernetes: image, kind cluster, deploy (users' machines: docker, kind, helm, kubectl) --
+# The kind store settings below must match charts/skinlesion/values-kind.yaml (store.*);
+# tests/test_chart.py checks it and renders the chart with every values file used here.
+KIND_BUCKET ?= skinlesion
+KIND_PREFIX ?= kind
+KIND_S3_SECRET ?= skinlesion-s3
+KIND_S3_USER ?= skinlesion
+KIND_S3_PASSWORD ?= skinlesion-kind-only
+KIND_S3_PORT ?= 19000
+KIND_IMAGES ?= 1500
+KIND_TIMEOUT_S ?= 7200
+KIND_KUBECTL = kubectl --context kind-$(KIND_CLUSTER) -n $(NAMESPACE)
+KIND_HELM = helm --kube-context kind-$(KIND_CLUSTER)
+HELM_SET_IMAGE = --set image.repository=$(IMAGE) --set image.tag=$(TAG)
+KIND_S3_ENV = AWS_ENDPOINT_URL=http://127.0.0.1:$(KIND_S3_PORT) AWS_REGION=us-east-1 \
+	AWS_ACCESS_KEY_ID=$(KIND_S3_USER) AWS_SECRET_ACCESS_KEY=$(KIND_S3_PASSWORD)
+KIND_SELECTOR = app.kubernetes.io/instance=$(RELEASE)
+# Forward the in-chart MinIO to 127.0.0.1:$(KIND_S3_PORT) for this recipe's shell; wait for it.
+define kind_minio_forward
+svc=$$($(KIND_KUBECTL) get svc -l $(KIND_SELECTOR),app.kubernetes.io/component=minio -o name); \
+$(KIND_KUBECTL) port-forward $$svc $(KIND_S3_PORT):9000 >/dev/null & pf=$$!; \
+trap "kill $$pf" EXIT; \
+for i in $$(seq 60); do \
+  $(KIND_S3_ENV) $(PY) -c "import boto3; boto3.client('s3').list_buckets()" 2>/dev/null && break; \
+  sleep 1; \
+done;
+endef
+
+image:
+	docker build --target cpu -t $(IMAGE):$(TAG) .
+
+image-gpu:
+	docker build --target gpu -t $(IMAGE):$(TAG)-gpu .
+
+# kind cluster + image + chart with MinIO (values-kind.yaml) + bucket + synthetic sample data.
+kind-up: image setup
+	kind get clusters | grep -qx '$(KIND_CLUSTER)' || kind create cluster --name $(KIND_CLUSTER) --wait 120s
+	kind load docker-image $(IMAGE):$(TAG) --name $(KIND_CLUSTER)
+	kubectl create namespace $(NAMESPACE) --dry-run=client -o yaml | kubectl --context kind-$(KIND_CLUSTER) apply -f -
+	$(KIND_KUBECTL) create secret generic $(KIND_S3_SECRET) \
+	  --from-literal=AWS_ACCESS_KEY_ID=$(KIND_S3_USER) \
+	  --from-literal=AWS_SECRET_ACCESS_KEY=$(KIND_S3_PASSWORD) \
+	  --dry-run=client -o yaml | $(KIND_KUBECTL) apply -f -
+	$(KIND_HELM) upgrade --install $(RELEASE) charts/skinlesion -n $(NAMESPACE) \
+	  -f $(VALUES) $(HELM_SET_IMAGE) --wait --timeout 10m
+	$(KIND_KUBECTL) wait --for=condition=Available deployment \
+	  -l $(KIND_SELECTOR),app.kubernetes.io/component=minio --timeout=300s
+	@set -euo pipefail; $(kind_minio_forward) \
+	$(KIND_S3_ENV) $(PY) -c "import boto3; c = boto3.client('s3'); \
+	  b = '$(KIND_BUCKET)'; b in [x['Name'] for x in c.list_buckets()['Buckets']] or c.create_bucket(Bucket=b)"; \
+	$(KIND_S3_ENV) $(BIN)/skinlesion sample-data --images $(KIND_IMAGES) \
+	  --out s3://$(KIND_BUCKET)/$(KIND_PREFIX)/raw/HAM10000 >/dev/null; \
+	echo "kind-up: synthetic data in s3://$(KIND_BUCKET)/$(KIND_PREFIX)/raw/HAM10000; next: make kind-test"
+
+# Install or upgrade the release on the current kube context with $(VALUES).
+deploy:
+	helm upgrade --install $(RELEASE) charts/skinlesion -n $(NAMESPACE) --create-namespace \
+	  -f $(VALUES) $(HELM_SET_IMAGE)
+
+# One small pipeline run on kind: the controller Job with a fresh run id, its log, its metrics.
+kind-test: setup
+	@set -euo pipefail; \
+	run=kt-$$(date +%Y%m%d%H%M%S); \
+	$(KIND_HELM) upgrade --install $(RELEASE) charts/skinlesion -n $(NAMESPACE) \
+	  -f $(VALUES) $(HELM_SET_IMAGE) --set run.enabled=true --set run.id=$$run >/dev/null; \
+	job=$$($(KIND_KUBECTL) get jobs -o name \
+	  -l $(KIND_SELECTOR),app.kubernetes.io/component=controller,skinlesion.io/run-id=$$run); \
+	echo "kind-test: run $$run, controller $$job"; \
+	$(KIND_KUBECTL) logs -f --pod-running-timeout=10m $$job || true; \
+	deadline=$$(( $$(date +%s) + $(KIND_TIMEOUT_S) )); \
+	until state=$$($(KIND_KUBECTL) get $$job \
+	    -o jsonpath='{.status.conditions[?(@.status=="True")].type}') \
+	    && [[ " $$state " == *" Complete "* || " $$state " == *" Failed "* ]]; do \
+	  (( $$(date +%s) < deadline )) || { echo "kind-test: timed out"; exit 1; }; sleep 5; \
+	done; \
+	$(KIND_KUBECTL) get jobs -l $(KIND_SELECTOR) -L app.kubernetes.io/component; \
+	[[ " $$state " == *" Complete "* ]] || { echo "kind-test: run $$run failed ($$state)"; exit 1; }; \
+	$(kind_minio_forward) \
+	$(KIND_S3_ENV) $(PY) -c "import sys; from skinlesion.local_run import format_metrics; \
+	  from skinlesion.storage import get_json, open_store; \
+	  print(format_metrics(get_json(open_store(sys.argv[1]), 'metrics.json')))" \
+	  s3://$(KIND_BUCKET)/$(KIND_PREFIX)/runs/$$run/evaluate
