@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,18 @@ def test_missing_model_is_an_input_error(tmp_path: Path) -> None:
         predict(FileStore(tmp_path / "empty").uri, [str(ham_jpeg(tmp_path / "a.jpg"))])
     store, key = resolve_model("s3://bucket/models/latest/model.keras")
     assert store.uri == "s3://bucket/models/latest" and key == "model.keras"
+
+
+def test_predict_cli_prints_json_and_exits_2_on_bad_image(
+    lineage: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from skinlesion import cli
+
+    image = str(lineage["images"][0])
+    assert cli.main(["predict", "--model", lineage["target"].uri, image]) == 0
+    results = json.loads(capsys.readouterr().out)
+    _check(results, [lineage["images"][0]])
+    broken = tmp_path / "ISIC_bad.jpg"
+    broken.write_bytes(b"nope")
+    assert cli.main(["predict", "--model", lineage["target"].uri, str(broken)]) == 2
+    assert "ISIC_bad.jpg" in capsys.readouterr().err
