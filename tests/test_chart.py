@@ -34,7 +34,7 @@ KIND_VALUES = cr.CHART / "values-kind.yaml"
 # (as `make deploy`/`kind-up` pass it, and with the run `make kind-test` starts), and
 # one with every optional part switched on.
 EVERYTHING_ON = {
-    "image": {"pullSecrets": ["regcred"], "tag": "1.2.3"},
+    "image": {"pullSecrets": ["regcred"], "tag": "1.2.3", "gpuTag": "1.2.3-cuda"},
     "store": {"endpoint": "https://s3.example.org", "prefix": "team/skin", "raw": "s3://data/ham"},
     "pools": {
         "cpu": {
@@ -342,6 +342,21 @@ def test_gpus_only_on_gpu_stages_with_default_values() -> None:
                 assert GPU not in str(c.get("resources")), obj["metadata"]["name"]
 
 
+def test_gpu_stages_run_the_gpu_image() -> None:
+    """The `gpu` Dockerfile target (`make image-gpu`: <tag>-gpu) where GPUs are requested."""
+    rendered = cr.render(values={"image": {"tag": "abc"}})
+    images = {n: pod_spec(j)["containers"][0]["image"] for n, j in rendered.stage_jobs().items()}  # type: ignore[index]
+    assert images == {
+        n: "skinlesion:abc-gpu" if n in ("train", "finetune") else "skinlesion:abc"
+        for n in STAGE_NAMES
+    }
+    for obj in rendered.kind("Job") + rendered.kind("CronJob"):
+        assert pod_spec(obj)["containers"][0]["image"] == "skinlesion:abc"  # type: ignore[index]
+    kind = cr.render([KIND_VALUES], {"image": {"tag": "abc"}})
+    for job in kind.stage_jobs().values():
+        assert pod_spec(job)["containers"][0]["image"] == "skinlesion:abc"  # type: ignore[index]
+
+
 def test_no_stage_requests_a_gpu_on_kind() -> None:
     rendered = cr.render([KIND_VALUES])
     for name, job in rendered.stage_jobs().items():
@@ -399,7 +414,9 @@ def test_stages_yaml_holds_one_complete_job_per_stage(case: Any) -> None:
     assert stages["namespace"] == cr.NAMESPACE
     assert stages["store"] == store
     assert list(stages["stages"]) == STAGE_NAMES
-    image = f"{values['image']['repository']}:{values['image']['tag'] or '0.1.0'}"
+    tag = values["image"]["tag"] or "0.1.0"  # the chart's appVersion
+    image = f"{values['image']['repository']}:{tag}"
+    gpu_image = f"{values['image']['repository']}:{values['image']['gpuTag'] or tag + '-gpu'}"
     for name, entry in stages["stages"].items():
         assert set(entry) == {"job"}
         job = entry["job"]
@@ -413,7 +430,8 @@ def test_stages_yaml_holds_one_complete_job_per_stage(case: Any) -> None:
         assert c["command"] == ["python", f"/app/jobs/{entrypoint}.py"]
         assert (cr.ROOT / "jobs" / f"{entrypoint}.py").is_file()
         assert "args" not in c, "the controller adds the stage's arguments"
-        assert c["image"] == image
+        gpus = values["stages"][name]["pool"] == "gpu" and values["pools"]["gpu"]["requestGpu"]
+        assert c["image"] == (gpu_image if gpus else image), name
         assert c["imagePullPolicy"] == values["image"]["pullPolicy"]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["SKINLESION_SCRATCH"] == env["TMPDIR"] == "/scratch"

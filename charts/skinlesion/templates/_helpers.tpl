@@ -153,12 +153,22 @@ app.kubernetes.io/managed-by: skinlesion-controller
 
 {{/* --- pods --- */}}
 
+{{/* The image of the `cpu` target (controller, CPU stages). */}}
 {{- define "skinlesion.image" -}}
-{{- $tag := .Values.image.tag | default .Chart.AppVersion }}
-{{- if hasPrefix "sha256:" $tag }}
-{{- printf "%s@%s" .Values.image.repository $tag }}
+{{- include "skinlesion.imageRef" (dict "repository" .Values.image.repository "tag" (.Values.image.tag | default .Chart.AppVersion)) }}
+{{- end }}
+
+{{/* The image of the `gpu` target (stages that request GPUs): image.gpuTag or <tag>-gpu. */}}
+{{- define "skinlesion.gpuImage" -}}
+{{- $tag := .Values.image.gpuTag | default (printf "%s-gpu" (.Values.image.tag | default .Chart.AppVersion)) }}
+{{- include "skinlesion.imageRef" (dict "repository" .Values.image.repository "tag" $tag) }}
+{{- end }}
+
+{{- define "skinlesion.imageRef" -}}
+{{- if hasPrefix "sha256:" .tag }}
+{{- printf "%s@%s" .repository .tag }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- printf "%s:%s" .repository .tag }}
 {{- end }}
 {{- end }}
 
@@ -259,7 +269,9 @@ stage's arguments. (dict "root" $ "stage" "<stage>")
 {{- $entry := index (include "skinlesion.stageEntrypoints" . | fromYaml) .stage }}
 {{- $labels := dict "root" $root "component" .stage }}
 {{- $resources := deepCopy $s.resources }}
+{{- $image := include "skinlesion.image" $root }}
 {{- if and (eq $s.pool "gpu") $root.Values.pools.gpu.requestGpu }}
+{{- $image = include "skinlesion.gpuImage" $root }}
 {{- $limits := get $resources "limits" | default dict }}
 {{- $_ := set $limits "nvidia.com/gpu" (int $root.Values.pools.gpu.gpuCount) }}
 {{- $_ := set $resources "limits" $limits }}
@@ -293,7 +305,7 @@ spec:
       {{- end }}
       containers:
         - name: stage
-          image: {{ include "skinlesion.image" $root }}
+          image: {{ $image }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command: ["python", "/app/jobs/{{ $entry }}.py"]
           env:
