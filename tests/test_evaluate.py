@@ -379,3 +379,32 @@ def test_metrics_json_is_strict_json(tmp_path: Path) -> None:
     metrics["roc_auc_macro"] = None
     text = json.dumps(metrics, allow_nan=False)
     assert json.loads(text)["roc_auc_macro"] is None
+
+
+@pytest.mark.slow
+def test_evaluate_after_the_real_synthetic_prepare_path(run_store: FileStore) -> None:
+    from skinlesion.prepare import run_prepare
+    from skinlesion.synthetic import write_sample_data
+
+    raw = run_store.child("raw", "HAM10000")
+    write_sample_data(raw, images=140, seed=0, workers=1)
+    run = run_store.child("runs", "s1")
+    prepared = run.child("prepare")
+    prep = run_prepare(
+        config.PrepareConfig(image_size=IMAGE_SIZE, shard_size=16, workers=1), raw, prepared
+    )
+    model = run.child("train")
+    write_model(model, tiny_model(), prepared, prepared)
+    manifest = evaluate.run_evaluate(
+        config.EvaluateConfig(), model, prepared, run.child("evaluate")
+    )
+
+    metrics = get_json(run.child("evaluate"), "metrics.json")
+    assert tuple(metrics) == KEYS
+    assert metrics["n_images"] == sum(prep["counts"]["val"].values())
+    assert {c: r["support"] for c, r in metrics["per_class"].items()} == prep["counts"]["val"]
+    assert manifest["synthetic"] is True
+    page = run.child("evaluate").get_bytes("report.html").decode()
+    _assert_self_contained(page)
+    assert "figures are not medical results" in page
+    assert "Class distribution per split (prepare)" in page
