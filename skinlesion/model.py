@@ -37,6 +37,7 @@ from skinlesion.config import TrainConfig
 from skinlesion.errors import InputError
 from skinlesion.storage import Store, open_store
 
+SCRATCH_BN_MOMENTUM = 0.9  # BatchNorm momentum of a base trained from random weights
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "predictions")
 
 
@@ -146,6 +147,11 @@ def build_for_config(cfg: TrainConfig, image_size: int, load_weights: bool = Tru
     if uri and load_weights:
         load_base_weights(get_base(model), cfg.weights)
     if scratch:
+        # MobileNetV3's BatchNorm momentum (0.999) needs thousands of steps before its
+        # moving statistics fit a random base; 0.9 makes them usable after a few dozen.
+        for layer in get_base(model).layers:
+            if _is_batchnorm(layer):
+                layer.momentum = SCRATCH_BN_MOMENTUM
         if load_weights:
             logs.get().warning(
                 "random_weights",

@@ -202,3 +202,26 @@ def test_set_model_weights_refreshes_normalisation() -> None:
     model_lib.set_model_weights(target, source.get_weights())
     x = images()
     np.testing.assert_allclose(np.array(target(x)), np.array(source(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_after_unfreeze_changes_only_the_block_and_head() -> None:
+    keras.utils.set_random_seed(3)
+    net = model_lib.build_model("mobilenetv3small", SIZE, dense_units=8)
+    prefixes = model_lib.block_prefixes("mobilenetv3small")
+    model_lib.unfreeze_block(net, prefixes)
+    net.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy")
+    base = model_lib.get_base(net)
+    before = {lyr.name: [np.array(w) for w in lyr.get_weights()] for lyr in base.layers}
+    head_before = [np.array(w) for w in net.get_layer("predictions").get_weights()]
+    y = keras.utils.to_categorical(np.arange(8) % 7, 7)
+    net.fit(images(8, seed=1), y, batch_size=4, epochs=2, verbose=0)
+    for lyr in base.layers:
+        after = [np.array(w) for w in lyr.get_weights()]
+        pairs = zip(after, before[lyr.name], strict=True)
+        changed = any(not np.array_equal(a, b) for a, b in pairs)
+        trains = lyr.name.startswith(prefixes) and bool(lyr.weights)
+        trains = trains and not isinstance(lyr, keras.layers.BatchNormalization)
+        assert changed == trains, f"{lyr.name}: changed={changed}, expected {trains}"
+    head_after = net.get_layer("predictions").get_weights()
+    assert not np.array_equal(np.array(head_after[0]), head_before[0])
