@@ -97,12 +97,14 @@ class ScriptedExecutor:
         if action == "preempt":
             return Outcome("preempted", None, "node went away", "DisruptionTarget")
         code = int(action)
-        return Outcome("failed", code, f"log of {call.stage.name} attempt {attempt}", f"exit {code}")
+        return Outcome(
+            "failed", code, f"log of {call.stage.name} attempt {attempt}", f"exit {code}"
+        )
 
 
-@pytest.fixture
-def raw(tmp_path: Path) -> str:
-    uri = f"file://{tmp_path}/raw"
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = f"file://{tmp_path_factory.mktemp('raw')}"
     write_sample_data(open_store(uri), images=70, seed=1)
     return uri
 
