@@ -1,0 +1,485 @@
+"""The Kubernetes controller against kmock, over HTTP, with the official client.
+
+Stages are not run: a fake kubelet (tests/kmock_server.py) commits each stage's
+manifest with the fingerprint the pipeline expects and moves the Job's status, or
+fails / preempts / holds it by script. The store is a real FileStore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from skinlesion import cli, config
+from skinlesion.controller import (
+    LOG_TAIL_LINES,
+    KubernetesExecutor,
+    LeaseHeld,
+    LeaseLost,
+    job_name,
+    load_stages,
+    run_controller,
+    run_id_from_job_name,
+)
+from skinlesion.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, StageFailed
+from skinlesion.kube import Kube
+from skinlesion.pipeline import STAGE_BY_NAME, STAGES, RunLayout, plan
+from skinlesion.storage import open_store
+from skinlesion.synthetic import write_sample_data
+from tests.kmock_server import FakeKubelet, KMock
+
+pytestmark = pytest.mark.kube
+
+NS = "retrain"
+RELEASE = "sl"
+RUN = "r1"
+REPO = Path(__file__).resolve().parents[1]
+ORDER = [s.name for s in STAGES]
+
+
+# --- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def km() -> Iterator[KMock]:
+    with KMock() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def raw_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny synthetic HAM10000 tree: only its fingerprint matters (stages are simulated)."""
+    uri = tmp_path_factory.mktemp("raw").as_uri()
+    write_sample_data(open_store(uri), images=70, seed=5, workers=1)
+    return uri
+
+
+def stage_job(stage: str) -> dict[str, Any]:
+    """A stage Job shape as the chart renders it: complete, without name and args."""
+    s = STAGE_BY_NAME[stage]
+    labels = {
+        "app.kubernetes.io/name": "skinlesion",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": stage,
+    }
+    resources: dict[str, Any] = {"requests": {"cpu": "1", "memory": "2Gi"}}
+    if s.pool == "gpu":
+        resources["limits"] = {"nvidia.com/gpu": 1}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"namespace": NS, "labels": labels},
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": 3600,
+            "ttlSecondsAfterFinished": 86400,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]},
+                    },
+                ]
+            },
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "stage",
+                            "image": "skinlesion:test",
+                            "command": ["python", f"/app/jobs/{s.job}.py"],
+                            "resources": resources,
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+@pytest.fixture
+def stages_path(tmp_path: Path) -> Path:
+    path = tmp_path / "stages.yaml"
+    body = {
+        "release": RELEASE,
+        "namespace": NS,
+        "store": (tmp_path / "store").as_uri(),
+        "stages": {s: {"job": stage_job(s)} for s in ORDER},
+    }
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.fixture
+def store_uri(tmp_path: Path) -> str:
+    return (tmp_path / "store").as_uri()
+
+
+class Run:
+    """One test's pieces: argv for the controller, the matching config and a kubelet."""
+
+    def __init__(
+        self, km: KMock, stages: Path, store: str, raw: str, tmp: Path, extra: list[str]
+    ) -> None:
+        self.km = km
+        self.tmp = tmp
+        self.argv = [
+            "controller",
+            "--stages",
+            str(stages),
+            "--store",
+            store,
+            "--raw",
+            raw,
+            "--run-id",
+            RUN,
+            "--preset",
+            "tiny",
+            "--lease-seconds",
+            "2",
+            *extra,
+        ]
+        args = self.args()
+        self.cfg = config.load_pipeline(args.preset, args.config, args.set)
+        self.layout = RunLayout(store, RUN)
+        self.raw = raw
+
+    def args(self) -> argparse.Namespace:
+        return cli.build_parser().parse_args(self.argv)
+
+    def kubelet(self, **script: list[str]) -> FakeKubelet:
+        return FakeKubelet(self.km, NS, self.cfg, self.layout, self.raw, script=dict(script))
+
+    def controller(self) -> int:
+        """run_controller in this thread, with a client pointed at kmock."""
+        return run_controller(self.cfg, self.args(), kube=Kube(self.km.configuration()))
+
+    def main(self) -> int:
+        """The whole CLI path (kubeconfig, error -> exit code), in this process."""
+        kubeconfig = self.tmp / "kubeconfig"
+        kubeconfig.write_text(self.km.kubeconfig(NS))
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            return cli.main([*self.argv, "--kubeconfig", str(kubeconfig)])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def process(self) -> subprocess.Popen[bytes]:
+        """The controller as its own process (for SIGKILL and SIGTERM)."""
+        kubeconfig = self.tmp / "kubeconfig"
+        kubeconfig.write_text(self.km.kubeconfig(NS))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        log = (self.tmp / "controller.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "skinlesion", *self.argv, "--kubeconfig", str(kubeconfig)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+    def log(self) -> str:
+        path = self.tmp / "controller.log"
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture
+def make_run(
+    km: KMock, stages_path: Path, store_uri: str, raw_uri: str, tmp_path: Path
+) -> Callable[..., Run]:
+    def make(*extra: str) -> Run:
+        return Run(km, stages_path, store_uri, raw_uri, tmp_path, list(extra))
+
+    return make
+
+
+class Background(threading.Thread):
+    """Runs `fn` in a thread; `result()` returns its value or re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self, timeout: float = 60) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), "controller did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def names(*pairs: tuple[str, int]) -> list[str]:
+    return [job_name(RELEASE, stage, RUN, attempt) for stage, attempt in pairs]
+
+
+def created_jobs(km: KMock) -> list[str]:
+    return [r.data["metadata"]["name"] for r in km.requests("POST", "jobs")]
+
+
+def lease(km: KMock) -> dict[str, Any]:
+    (obj,) = km.objects("coordination.k8s.io/v1/leases")
+    return obj
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+# --- pure parts ---------------------------------------------------------------------------
+
+
+def test_job_names_are_dns_labels_and_unique_per_attempt() -> None:
+    assert job_name("sl", "train", "r1", 1) == "sl-train-r1"
+    assert job_name("sl", "train", "r1", 3) == "sl-train-r1-a3"
+    long = job_name("a-very-long-release-name-for-this-chart", "finetune", "x" * 40, 10)
+    assert len(long) <= 63
+    assert long.endswith("-finetune-" + "x" * 40 + "-a10")
+
+
+def test_run_id_from_a_cronjob_job_name() -> None:
+    assert run_id_from_job_name("sl-retrain-29384756", "sl") == "retrain-29384756"
+    derived = run_id_from_job_name("Some_Very.Long-Controller-Job-Name-For-Testing-29384756")
+    assert len(derived) <= 40
+    assert derived != run_id_from_job_name(
+        "Some_Very.Long-Controller-Job-Name-For-Testing-29384757"
+    )
+
+
+def test_stages_file_without_stage_container_is_refused(tmp_path: Path) -> None:
+    job = stage_job("prepare")
+    job["spec"]["template"]["spec"]["containers"][0]["name"] = "main"
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump({"release": RELEASE, "stages": {"prepare": {"job": job}}}))
+    with pytest.raises(ConfigError, match="no container named 'stage'"):
+        load_stages(str(path))
+
+
+def test_build_job_names_labels_and_args_without_touching_the_shape(
+    stages_path: Path, store_uri: str, raw_uri: str
+) -> None:
+    stages = load_stages(str(stages_path))
+    executor = KubernetesExecutor(Kube(config_host()), stages, NS, RELEASE)
+    call = plan(config.load_pipeline("tiny"), RunLayout(store_uri, RUN), raw_uri)[2]
+    job = executor.build_job(call, RUN, 2)
+    assert job["metadata"]["name"] == "sl-train-r1-a2"
+    assert job["metadata"]["namespace"] == NS
+    want = {
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "train",
+        "skinlesion.io/run-id": RUN,
+        "skinlesion.io/attempt": "2",
+    }
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert want.items() <= labels.items()
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == [*call.argv[1:], "--run-id", RUN]
+    assert container["args"][:2] == ["--phase", "top"]
+    assert "args" not in stages.jobs["train"]["spec"]["template"]["spec"]["containers"][0]
+    assert "name" not in stages.jobs["train"]["metadata"]
+
+
+def config_host() -> Any:
+    from kubernetes import client
+
+    return client.Configuration(host="http://127.0.0.1:9")
+
+
+# --- runs against kmock -------------------------------------------------------------------
+
+
+def test_full_run_creates_one_job_per_stage_in_order(make_run: Callable[..., Run]) -> None:
+    run = make_run()
+    with run.kubelet() as kubelet:
+        assert run.controller() == 0
+    assert kubelet.names() == names(*((s, 1) for s in ORDER))
+    assert created_jobs(run.km) == kubelet.names()
+    for stage, job in zip(ORDER, kubelet.jobs, strict=True):
+        meta = job["metadata"]
+        assert meta["namespace"] == NS
+        assert meta["labels"]["app.kubernetes.io/component"] == stage
+        assert meta["labels"]["skinlesion.io/run-id"] == RUN
+        assert meta["labels"]["skinlesion.io/attempt"] == "1"
+        spec = job["spec"]
+        assert spec["podFailurePolicy"]["rules"][0]["action"] == "Ignore"  # the shape, kept
+        (container,) = spec["template"]["spec"]["containers"]
+        assert container["command"] == ["python", f"/app/jobs/{STAGE_BY_NAME[stage].job}.py"]
+        assert container["args"][-2:] == ["--run-id", RUN]  # full argv checked by the kubelet
+    # each Job is created only after the previous one finished, and quickly
+    created = {name: t for plural, name, t in run.km.created_at if plural == "jobs"}
+    for prev, nxt in zip(kubelet.names(), kubelet.names()[1:], strict=False):
+        handoff = created[nxt] - kubelet.finished_at[prev]
+        assert 0 < handoff < 2.0, (prev, nxt, handoff)
+    # the Lease was held, then released (no holder) with resourceVersion CAS
+    assert "holderIdentity" not in lease(run.km)["spec"]
+    assert len(run.km.requests("PUT", "leases")) >= 1
+
+
+def test_rerun_of_a_finished_run_creates_no_job(make_run: Callable[..., Run]) -> None:
+    run = make_run()
+    with run.kubelet():
+        assert run.controller() == 0
+    before = created_jobs(run.km)
+    with run.kubelet() as again:
+        assert run.controller() == 0
+    assert created_jobs(run.km) == before
+    assert again.jobs == []
+
+
+def test_failing_stage_is_retried_its_log_saved_then_named(
+    make_run: Callable[..., Run], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run("--set", "retries=1")
+    with run.kubelet(augment=["fail:1", "fail:1"]) as kubelet:
+        code = run.main()
+    assert code == 1
+    assert "stage 'augment' failed" in capsys.readouterr().err
+    assert kubelet.names() == names(("prepare", 1), ("augment", 1), ("augment", 2))
+    logs = open_store(run.layout.logs_uri)
+    for attempt in (1, 2):
+        text = logs.get_bytes(f"augment-attempt-{attempt}.log").decode()
+        assert text.rstrip().endswith("augment: error: exit 1")
+        assert len(text.splitlines()) == LOG_TAIL_LINES  # a tail, not the whole log
+
+
+def test_bad_input_exit_code_2_fails_fast_without_retry(make_run: Callable[..., Run]) -> None:
+    run = make_run("--set", "retries=3")
+    with run.kubelet(prepare=["fail:2"]) as kubelet:
+        assert run.main() == EXIT_BAD_INPUT
+    assert kubelet.names() == names(("prepare", 1))
+
+
+def test_preemption_is_retried_without_counting_as_failure(make_run: Callable[..., Run]) -> None:
+    run = make_run("--set", "retries=0")
+    # train: two disrupted pods surface as failed Jobs; augment: the Job's podFailurePolicy
+    # replaced the evicted pod itself, so the controller only sees the Job complete.
+    with run.kubelet(train=["preempt", "preempt"], augment=["evict-then-ok"]) as kubelet:
+        assert run.controller() == 0
+    assert [n for n in kubelet.names() if "-train-" in n] == names(
+        ("train", 1), ("train", 2), ("train", 3)
+    )
+    assert [n for n in kubelet.names() if "-augment-" in n] == names(("augment", 1))
+    logs = open_store(run.layout.logs_uri)
+    assert logs.get_bytes("train-attempt-1.log").decode() == "node lost\n"
+
+
+def test_stage_failure_is_an_error_naming_the_stage(make_run: Callable[..., Run]) -> None:
+    run = make_run("--set", "retries=0")
+    with run.kubelet(evaluate=["fail:1"]), pytest.raises(StageFailed, match="'evaluate'"):
+        run.controller()
+
+
+def test_second_controller_is_refused_by_the_lease(make_run: Callable[..., Run]) -> None:
+    run = make_run()
+    with run.kubelet(prepare=["hold"]) as kubelet:
+        first = Background(run.controller)
+        kubelet.wait_for(lambda: len(kubelet.jobs) == 1)
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld, match="refusing to start a second controller"):
+            run.controller()
+        assert time.monotonic() - start < 3.0  # refused on the holder's next renewal
+        assert created_jobs(run.km) == names(("prepare", 1))
+        kubelet.finish(names(("prepare", 1))[0])
+        assert first.result() == 0
+    assert len(kubelet.jobs) == len(ORDER)
+
+
+def test_controller_killed_mid_stage_is_restarted_and_adopts_the_job(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run()
+    with run.kubelet(train=["hold"]) as kubelet:
+        proc = run.process()
+        try:
+            kubelet.wait_for(lambda: any("-train-" in n for n in kubelet.names()), timeout=60)
+        finally:
+            proc.kill()  # SIGKILL: no cleanup, the Lease stays held until it expires
+            proc.wait(10)
+        train = names(("train", 1))[0]
+        restarted = Background(run.controller)
+        # The restarted controller waits out the dead holder's Lease, then adopts.
+        wait_until(lambda: (lease(run.km)["spec"].get("leaseTransitions") or 0) >= 1)
+        time.sleep(0.3)
+        kubelet.finish(train)
+        assert restarted.result() == 0
+    assert created_jobs(run.km).count(train) == 1
+    assert kubelet.names() == names(*((s, 1) for s in ORDER))
+
+
+def test_sigterm_deletes_the_running_job_and_exits_143(make_run: Callable[..., Run]) -> None:
+    run = make_run()
+    with run.kubelet(prepare=["hold"]) as kubelet:
+        proc = run.process()
+        try:
+            kubelet.wait_for(lambda: len(kubelet.jobs) == 1, timeout=60)
+            time.sleep(0.3)  # let it reach the watch
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == EXIT_INTERRUPTED, run.log()
+        finally:
+            proc.kill()
+    prepare = names(("prepare", 1))[0]
+    deletes = [r for r in run.km.requests("DELETE", "jobs") if r.name == prepare]
+    assert len(deletes) == 1
+    assert deletes[0].params.get("propagationPolicy") == "Background"
+    assert run.km.objects("batch/v1/jobs") == []
+    assert "holderIdentity" not in lease(run.km)["spec"]  # released on the way out
+
+
+def test_job_without_result_in_max_wait_is_deleted_and_retried(
+    make_run: Callable[..., Run],
+) -> None:
+    run = make_run("--max-wait-s", "1", "--set", "retries=1")
+    with run.kubelet(prepare=["hold", "ok"]) as kubelet:
+        assert run.controller() == 0
+    first, second = names(("prepare", 1), ("prepare", 2))
+    assert kubelet.names()[:2] == [first, second]
+    deleted = [r.name for r in run.km.requests("DELETE", "jobs")]
+    assert deleted == [first]
+
+
+def test_controller_that_loses_its_lease_stops_without_touching_the_job(
+    make_run: Callable[..., Run],
+) -> None:
+    from kubernetes import client
+
+    run = make_run()
+    with run.kubelet(prepare=["hold"]) as kubelet:
+        first = Background(run.controller)
+        kubelet.wait_for(lambda: len(kubelet.jobs) == 1)
+        # Someone else takes the Lease over (a CAS write with the current version).
+        api = client.CoordinationV1Api(client.ApiClient(run.km.configuration()))
+        current = lease(run.km)
+        current["spec"]["holderIdentity"] = "someone-else"
+        api.replace_namespaced_lease(current["metadata"]["name"], NS, current)  # type: ignore[arg-type]
+        with pytest.raises(LeaseLost):
+            first.result(timeout=10)
+    assert run.km.requests("DELETE", "jobs") == []
+    assert lease(run.km)["spec"]["holderIdentity"] == "someone-else"
