@@ -609,7 +609,8 @@ class KubernetesExecutor:
                     self._check_lease()
                 rv = self._watch.resource_version
             except Gone:
-                rv = None  # too old: list again
+                rv = None  # compacted away: list again, at once
+                continue
             finally:
                 self._watch = None
             self._check_lease()

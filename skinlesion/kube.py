@@ -130,12 +130,13 @@ class JobWatch:
         timeout_s: float,
     ) -> None:
         self._api = api
-        self._watch = watch.Watch()
+        # return_type=object: events carry the raw dicts, with no client-model validation
+        # (and the client's own ERROR/410 handling keeps working, unlike deserialize=False).
+        self._watch = watch.Watch(return_type=object)
         self._kwargs: dict[str, Any] = {
             "timeout_seconds": max(1, round(timeout_s)),  # the server ends the stream then
             # ...and a client read timeout in case it does not (an idle proxy, an emulator)
             "_request_timeout": (CONNECT_TIMEOUT_S, timeout_s + min(15.0, 1 + timeout_s / 4)),
-            "deserialize": False,
         }
         if field_selector:
             self._kwargs["field_selector"] = field_selector
@@ -158,7 +159,7 @@ class JobWatch:
             )
             for event in stream:
                 kind = event.get("type")
-                obj = event.get("object") or {}
+                obj = event.get("raw_object") or {}
                 if kind == "ERROR":
                     code = int(obj.get("code") or 0)
                     cls = Gone if code == 410 else ApiError
