@@ -8,6 +8,8 @@ reactions here in the test fixture, what kmock lacks and a real API server has:
 - PUT (replace), with `metadata.resourceVersion` compare-and-swap (409 on a stale
   write) for any kind; created Leases get a resourceVersion so the CAS has
   something to compare (the controller writes Leases with create + replace only);
+- on request (`expire_watches`), a watch from a resourceVersion answered with the
+  410 Expired ERROR event a real server sends once that version is compacted;
 - `pods/<name>/log` answered as text/plain from `KMock.pod_logs` (honours tailLines);
 - the resources the controller lists declared, so empty lists answer 200, not 404;
 - a short server shutdown timeout, so a watch left open does not stall teardown.
@@ -45,6 +47,15 @@ from skinlesion.storage import open_store
 
 SHUTDOWN_TIMEOUT_S = 0.5  # aiohttp waits 60 s for open watches by default
 BACKOFF_MESSAGE = "Job has reached the specified backoff limit"
+EXPIRED = {
+    "apiVersion": "v1",
+    "kind": "Status",
+    "metadata": {},
+    "status": "Failure",
+    "message": "too old resource version: 1 (2)",
+    "reason": "Expired",
+    "code": 410,
+}
 RESOURCES = ("batch/v1/jobs", "v1/pods", "coordination.k8s.io/v1/leases")
 
 
@@ -96,6 +107,7 @@ class KMock:
     def __init__(self) -> None:
         self.pod_logs: dict[tuple[str, str], str] = {}  # (namespace, pod) -> log text
         self.created_at: list[tuple[str, str, float]] = []  # (plural, name, monotonic)
+        self.expire_watches = 0  # answer this many watches from a resourceVersion with 410
         self._rv = itertools.count(1000)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -216,6 +228,12 @@ class KMock:
         return {"metadata": {"resourceVersion": str(next(self._rv))}, "items": items}
 
     async def _watch(self, request: kmock.Request) -> AsyncIterator[Any]:
+        if self.expire_watches > 0 and request.params.get("resourceVersion"):
+            # What a real server says when a watch's resourceVersion was compacted away.
+            self.expire_watches -= 1
+            yield b""
+            yield {"type": "ERROR", "object": EXPIRED}
+            return
         async for event in self.emu._serve_watch(request):
             if isinstance(event, dict) and not selected(event.get("object") or {}, request.params):
                 continue

@@ -343,6 +343,32 @@ def test_full_run_creates_one_job_per_stage_in_order(make_run: Callable[..., Run
     assert len(run.km.requests("PUT", "leases")) >= 1
 
 
+def test_expired_watch_is_listed_again_and_the_run_goes_on(make_run: Callable[..., Run]) -> None:
+    run = make_run()
+    run.km.expire_watches = 1
+    with run.kubelet(prepare=["hold"]) as kubelet:
+        first = Background(run.controller)
+        kubelet.wait_for(lambda: len(kubelet.jobs) == 1)
+        prepare = f"metadata.name={names(('prepare', 1))[0]}"
+
+        def requests() -> list[Any]:
+            return [
+                r
+                for r in run.km.requests("GET", "jobs")
+                if r.params.get("fieldSelector") == prepare
+            ]
+
+        wait_until(lambda: sum(r.params.get("watch") == "true" for r in requests()) == 2)
+        kubelet.finish(names(("prepare", 1))[0])
+        assert first.result() == 0
+    mine = requests()
+    kinds = ["watch" if r.params.get("watch") == "true" else "list" for r in mine]
+    expired = next(i for i, r in enumerate(mine) if kinds[i] == "watch")
+    assert mine[expired].params.get("resourceVersion")  # answered 410 Expired
+    assert kinds[expired + 1 : expired + 3] == ["list", "watch"]  # list again, watch again
+    assert len(kubelet.jobs) == len(ORDER)
+
+
 def test_rerun_of_a_finished_run_creates_no_job(make_run: Callable[..., Run]) -> None:
     run = make_run()
     with run.kubelet():
