@@ -9,8 +9,9 @@ The ordering, skip-if-done, retries and preemption handling are the shared loop 
 - it waits by watching the Job (never by sleeping), and turns the Job's end into an
   `Outcome`: Complete -> succeeded; Failed -> failed with the failed pod's exit code
   and log tail, or preempted when the pod was disrupted (node loss, preemption);
-- it is restart-safe: a Job that already exists for the stage and attempt is adopted
-  (watched, or its result taken), never created twice;
+- it is restart-safe: a stage Job still running (its controller was restarted) is
+  adopted and watched, never created twice; Jobs that had already ended before are
+  history, and the next attempt takes the next free attempt number;
 - a Lease `<release>-<run-id>`, renewed in the background, keeps a second controller
   for the same run id from proceeding; an expired Lease is taken over;
 - SIGTERM (errors.Terminated) deletes the running Job (background propagation),
@@ -473,6 +474,7 @@ class KubernetesExecutor:
         self.max_wait_s = max_wait_s
         self.watch_timeout_s = watch_timeout_s
         self.current: str | None = None  # the Job this controller is waiting for
+        self._used: dict[str, int] = {}  # stage -> Job attempts used before this run's first
         self._watch: JobWatch | None = None
 
     # building
@@ -511,34 +513,60 @@ class KubernetesExecutor:
 
     # running
 
+    def _resume(self, stage: str, run_id: str) -> tuple[int, dict[str, Any] | None]:
+        """Where this stage starts: (attempts already used, a running Job to adopt or None).
+
+        A running Job of the stage (a controller restarted mid-stage) is adopted. Jobs
+        that had already ended before this controller started are history: their
+        failures were handled by the controller that saw them, and they may be for other
+        inputs; the next attempt gets the next free number instead of their result.
+        """
+        selector = ",".join(
+            f"{k}={v}"
+            for k, v in (
+                (LABEL_INSTANCE, self.release),
+                (LABEL_RUN_ID, run_id),
+                (LABEL_STAGE, stage),
+            )
+        )
+        items, _ = self.kube.list_jobs(self.namespace, label_selector=selector)
+
+        def number(job: Mapping[str, Any]) -> int:
+            value = ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "0")
+            return int(value) if str(value).isdigit() else 0
+
+        running = [j for j in items if job_state(j) is None]
+        if running:
+            job = max(running, key=number)
+            return number(job) - 1, job
+        return max((number(j) for j in items), default=0), None
+
     def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
         from skinlesion.kube import Conflict
 
         log = logs.get()
         stage = call.stage.name
-        name = job_name(self.release, stage, run_id, attempt)
+        adopted: dict[str, Any] | None = None
+        if attempt == 1 or stage not in self._used:
+            self._used[stage], adopted = self._resume(stage, run_id)
+        number = attempt + self._used[stage]  # the Job's attempt, over controller restarts
+        name = job_name(self.release, stage, run_id, number)
         self.current = name
         try:
-            job = self.kube.get_job(self.namespace, name)
-            if job is None:
-                body = self.build_job(call, run_id, attempt)
-                try:
-                    job = self.kube.create_job(self.namespace, body)
-                    log.info("job_created", step=stage, job=name, attempt=attempt)
-                except Conflict:
-                    job = self.kube.get_job(self.namespace, name)
-                    if job is None:
-                        raise
+            if adopted is not None:
+                job = adopted
+                log.info("adopting", step=stage, job=name, attempt=number)
             else:
-                state = job_state(job)
-                log.info(
-                    "adopting" if state is None else "job_already_finished",
-                    step=stage,
-                    job=name,
-                    attempt=attempt,
-                    state=state or "running",
-                )
-            self._check_ours(job, stage, run_id, attempt)
+                try:
+                    job = self.kube.create_job(self.namespace, self.build_job(call, run_id, number))
+                    log.info("job_created", step=stage, job=name, attempt=number)
+                except Conflict:  # created meanwhile (not by a controller holding the Lease)
+                    found = self.kube.get_job(self.namespace, name)
+                    if found is None:
+                        raise
+                    job = found
+                    log.info("adopting", step=stage, job=name, attempt=number)
+            self._check_ours(job, stage, run_id, number)
             finished = self._wait(name, job)
         except _WaitTimeout:
             self._delete(name, "max_wait")
