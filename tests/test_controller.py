@@ -423,6 +423,19 @@ def test_stage_failure_is_an_error_naming_the_stage(make_run: Callable[..., Run]
         run.controller()
 
 
+def test_rerun_after_a_failed_run_tries_again_with_the_next_attempt(
+    make_run: Callable[..., Run],
+) -> None:
+    """Jobs that ended before the controller started are history, not results."""
+    run = make_run("--set", "retries=0")
+    with run.kubelet(prepare=["fail:1"]), pytest.raises(StageFailed, match="'prepare'"):
+        run.controller()
+    with run.kubelet() as kubelet:  # the failed Job is still there (until its TTL)
+        assert run.controller() == 0
+    assert kubelet.names()[0] == names(("prepare", 2))[0]
+    assert created_jobs(run.km).count(names(("prepare", 1))[0]) == 1
+
+
 def test_second_controller_is_refused_by_the_lease(make_run: Callable[..., Run]) -> None:
     run = make_run()
     with run.kubelet(prepare=["hold"]) as kubelet:
@@ -509,3 +522,48 @@ def test_controller_that_loses_its_lease_stops_without_touching_the_job(
             first.result(timeout=10)
     assert run.km.requests("DELETE", "jobs") == []
     assert lease(run.km)["spec"]["holderIdentity"] == "someone-else"
+
+
+def test_the_charts_own_controller_job_drives_a_run(
+    km: KMock, tmp_path: Path, raw_uri: str
+) -> None:
+    """Contract with the Helm chart: its controller args and mounted files, as rendered."""
+    from tests import chart_render
+
+    rendered = chart_render.render()
+    (job,) = [j for j in rendered.kind("Job") if j["metadata"]["name"].endswith("-run-rev-1")]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "/app/jobs/controller.py"]
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "config")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for key, text in rendered.stages_configmap["data"].items():
+        (etc / key).write_text(text)
+    store = (tmp_path / "store").as_uri()
+    replace = {"--store": store, "--raw": raw_uri}  # the chart's s3:// store, here a file store
+    args = [a.replace(mount, str(etc)) for a in container["args"]]
+    for flag, value in replace.items():
+        args[args.index(flag) + 1] = value
+    kubeconfig = tmp_path / "kubeconfig"
+    namespace = rendered.stages["namespace"]
+    kubeconfig.write_text(km.kubeconfig(namespace))
+    argv = ["controller", *args, "--kubeconfig", str(kubeconfig)]  # as jobs/controller.py
+
+    parsed = cli.build_parser().parse_args(argv)
+    cfg = config.load_pipeline(parsed.preset, parsed.config, parsed.set)
+    layout = RunLayout(store, parsed.run_id)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with FakeKubelet(km, namespace, cfg, layout, raw_uri) as kubelet:
+            assert cli.main(argv) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    release = rendered.stages["release"]
+    assert kubelet.names() == [f"{release}-{s}-{parsed.run_id}" for s in ORDER]
+    shapes = rendered.stage_jobs()
+    for stage, created in zip(ORDER, kubelet.jobs, strict=True):
+        want = shapes[stage]["spec"]["template"]["spec"]["containers"][0]
+        got = created["spec"]["template"]["spec"]["containers"][0]
+        assert got["command"] == want["command"]
+        assert got["resources"] == want["resources"]  # e.g. `nvidia.com/gpu: 1` sent as is
+        assert created["spec"]["podFailurePolicy"] == shapes[stage]["spec"]["podFailurePolicy"]
