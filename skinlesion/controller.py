@@ -219,9 +219,10 @@ class RunLease:
 
     Every write is a replace carrying the resourceVersion that was read, so the API
     server's compare-and-swap decides races. A live lease held by someone else is
-    watched for one lease duration: renewed -> refuse (LeaseHeld); not renewed ->
-    expired, taken over. The holder gives up (LeaseLost) when it cannot renew within
-    one lease duration, before anyone else may take over.
+    observed for one lease duration (re-read every sixth of it, as client-go's leader
+    election does): renewed -> refuse (LeaseHeld); not renewed -> expired, taken over.
+    The holder gives up (LeaseLost) when it cannot renew within one lease duration,
+    before anyone else may take over.
     """
 
     def __init__(
@@ -297,7 +298,7 @@ class RunLease:
                     )
                 live_by_clock = renewed is None or (_now() - renewed).total_seconds() < duration
                 if observed is None and live_by_clock:
-                    # Live by its timestamp: watch it for one lease duration (our clock,
+                    # Live by its timestamp: observe it for one lease duration (our clock,
                     # not the holder's). A renewal means its holder is alive.
                     observed = key
                     watch_until = time.monotonic() + duration + 0.5
