@@ -32,7 +32,13 @@ from skinlesion.controller import (
     run_controller,
     run_id_from_job_name,
 )
-from skinlesion.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, StageFailed
+from skinlesion.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    ConfigError,
+    InputError,
+    StageFailed,
+)
 from skinlesion.kube import Kube
 from skinlesion.pipeline import STAGE_BY_NAME, STAGES, RunLayout, plan
 from skinlesion.storage import open_store
@@ -367,6 +373,22 @@ def test_expired_watch_is_listed_again_and_the_run_goes_on(make_run: Callable[..
     assert mine[expired].params.get("resourceVersion")  # answered 410 Expired
     assert kinds[expired + 1 : expired + 3] == ["list", "watch"]  # list again, watch again
     assert len(kubelet.jobs) == len(ORDER)
+
+
+def test_cronjob_run_id_comes_from_the_controllers_own_job_name(
+    km: KMock, stages_path: Path, store_uri: str, raw_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SKINLESION_JOB_NAME", f"{RELEASE}-retrain-29384756")
+    argv = ["controller", "--stages", str(stages_path), "--raw", raw_uri, "--preset", "tiny"]
+    args = cli.build_parser().parse_args([*argv, "--run-id-from-job"])
+    cfg = config.load_pipeline("tiny")
+    layout = RunLayout(store_uri, "retrain-29384756")  # store: from the stages file
+    with FakeKubelet(km, NS, cfg, layout, raw_uri) as kubelet:
+        assert run_controller(cfg, args, kube=Kube(km.configuration())) == 0
+    assert kubelet.names()[0] == f"{RELEASE}-prepare-retrain-29384756"
+    monkeypatch.delenv("SKINLESION_JOB_NAME")
+    with pytest.raises(InputError, match="SKINLESION_JOB_NAME"):
+        run_controller(cfg, args, kube=Kube(km.configuration()))
 
 
 def test_rerun_of_a_finished_run_creates_no_job(make_run: Callable[..., Run]) -> None:
