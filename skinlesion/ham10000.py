@@ -98,6 +98,7 @@ def parse_metadata(data: bytes) -> pd.DataFrame:
     _check_header(header)
     names = [h.strip() for h in header]
     rows: list[dict[str, str]] = []
+    lines: list[int] = []
     first_image: dict[str, int] = {}
     lesion_dx: dict[str, tuple[str, int]] = {}
     try:
@@ -112,14 +113,14 @@ def parse_metadata(data: bytes) -> pd.DataFrame:
             row = {name: value.strip() for name, value in zip(names, fields, strict=True)}
             _check_row(row, line)
             _check_unique(row, line, first_image, lesion_dx)
-            row["line"] = str(line)
             rows.append(row)
+            lines.append(line)
     except csv.Error as exc:
         raise DataError(f"{METADATA} line {reader.line_num}: malformed CSV: {exc}") from None
     if not rows:
         raise DataError(f"{METADATA}: no rows after the header")
-    frame = pd.DataFrame(rows, columns=[*names, "line"])
-    frame["line"] = frame["line"].astype(int)
+    frame = pd.DataFrame(rows, columns=names)
+    frame["line"] = lines
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")  # not used for training
     return frame
 

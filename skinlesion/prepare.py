@@ -9,6 +9,7 @@ chunks of images per worker are in flight, whatever the dataset size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -82,19 +83,19 @@ def _write_shards(
     """Resize every image and write the shards; returns shards, skipped, rows written."""
     log = logs.get()
     rows = _ordered_rows(split)
-    writers = {side: ShardWriter(work, side, cfg.shard_size) for side in SIDES}
     skipped: list[dict[str, str]] = []
     kept: list[bool] = []
-    for row, result in logs.progress(_results(rows, cfg, raw), len(rows), "prepare"):
-        if result.jpeg is None:
-            log.warning("image_skipped", image_id=row.image_id, reason=result.error)
-            skipped.append({"image_id": row.image_id, "file": row.key, "reason": result.error})
-            kept.append(False)
-            continue
-        example = Example(result.jpeg, INDEX[row.dx], row.image_id, row.lesion_id)
-        writers[row.side].write(example)
-        kept.append(True)
-    shards = {side: writer.close() for side, writer in writers.items()}
+    with contextlib.ExitStack() as stack:
+        writers = {s: stack.enter_context(ShardWriter(work, s, cfg.shard_size)) for s in SIDES}
+        for row, result in logs.progress(_results(rows, cfg, raw), len(rows), "prepare"):
+            kept.append(result.jpeg is not None)
+            if result.jpeg is None:
+                log.warning("image_skipped", image_id=row.image_id, reason=result.error)
+                skipped.append({"image_id": row.image_id, "file": row.key, "reason": result.error})
+                continue
+            example = Example(result.jpeg, INDEX[row.dx], row.image_id, row.lesion_id)
+            writers[row.side].write(example)
+        shards = {side: writer.close() for side, writer in writers.items()}
     written = rows[kept]
     return shards, skipped, {side: written[written["side"] == side] for side in SIDES}
 

@@ -218,157 +218,53 @@ def metadata_csv(specs: list[ImageSpec]) -> bytes:
 
 # --- lesion looks --------------------------------------------------------------------------------
 
-# Class archetypes. Colours are RGB in 0..1; amounts are 0..1 (texture density).
-# radius: fraction of the image height; irregular: border harmonics amplitude;
-# softness: border blur (fraction of the radius); gamma: centre -> rim colour curve.
+# Class archetypes, from the dermoscopic features of each diagnosis.
+# Shape: radius (fraction of the image height), irregular (border harmonics),
+# softness (border blur, fraction of the radius), gamma (centre -> rim colour
+# curve), opacity. Colours: RGB in 0..1. Textures: amounts in 0..1.
+SHAPE = ("radius", "irregular", "softness", "gamma", "opacity")
+COLOURS = ("centre", "rim", "blotch")
+TEXTURES = ("blotch_amount", "patch", "network", "dark_dots", "red_clods", "blue_nests",
+            "light_cysts", "vessels", "streaks", "scale", "veil")  # fmt: skip
+# fmt: off
+_SHAPES = {
+    #        radius irregular softness gamma opacity
+    "nv":    (0.20, 0.05, 0.10, 1.6, 0.92),  # small, round, regular
+    "mel":   (0.30, 0.17, 0.06, 1.0, 0.95),  # large, asymmetric
+    "bkl":   (0.25, 0.10, 0.03, 1.2, 0.92),  # sharp "stuck-on" border
+    "bcc":   (0.21, 0.11, 0.10, 1.5, 0.80),  # translucent
+    "akiec": (0.23, 0.13, 0.20, 1.0, 0.88),  # ill-defined
+    "df":    (0.15, 0.05, 0.16, 0.8, 0.90),  # small, fuzzy
+    "vasc":  (0.16, 0.06, 0.04, 1.0, 0.95),  # well demarcated
+}
+_COLOURS = {
+    #         centre              rim                 blotch
+    "nv":    ((0.38, 0.24, 0.17), (0.56, 0.38, 0.28), (0.30, 0.19, 0.14)),  # brown
+    "mel":   ((0.20, 0.12, 0.10), (0.50, 0.33, 0.26), (0.09, 0.06, 0.07)),  # dark, black
+    "bkl":   ((0.68, 0.52, 0.36), (0.58, 0.42, 0.28), (0.47, 0.33, 0.22)),  # tan, waxy
+    "bcc":   ((0.90, 0.74, 0.74), (0.86, 0.64, 0.62), (0.62, 0.47, 0.52)),  # pink, pearly
+    "akiec": ((0.78, 0.31, 0.30), (0.84, 0.48, 0.44), (0.68, 0.27, 0.27)),  # red, rough
+    "df":    ((0.62, 0.45, 0.36), (0.55, 0.37, 0.28), (0.45, 0.30, 0.22)),  # brown ring
+    "vasc":  ((0.60, 0.13, 0.26), (0.68, 0.21, 0.30), (0.38, 0.08, 0.24)),  # red-purple
+}
+_TEXTURES = {
+    #        blotch patch network dots clods nests cysts vessels streaks scale veil
+    "nv":    (0.20, 0.00, 0.60, 0.15, 0.00, 0.00, 0.00, 0.03, 0.10, 0.00, 0.00),
+    "mel":   (0.60, 0.05, 0.40, 0.60, 0.05, 0.10, 0.00, 0.10, 0.45, 0.05, 0.65),
+    "bkl":   (0.35, 0.00, 0.15, 0.30, 0.00, 0.00, 0.90, 0.10, 0.00, 0.30, 0.00),
+    "bcc":   (0.20, 0.10, 0.00, 0.05, 0.05, 0.90, 0.10, 0.90, 0.00, 0.05, 0.15),
+    "akiec": (0.35, 0.00, 0.00, 0.10, 0.10, 0.00, 0.00, 0.35, 0.00, 1.00, 0.00),
+    "df":    (0.15, 0.95, 0.55, 0.05, 0.00, 0.00, 0.00, 0.10, 0.00, 0.05, 0.00),
+    "vasc":  (0.40, 0.00, 0.00, 0.00, 1.00, 0.05, 0.00, 0.10, 0.00, 0.00, 0.10),
+}
+# fmt: on
 ARCHETYPES: dict[str, dict[str, Any]] = {
-    "nv": dict(
-        radius=0.20,
-        irregular=0.05,
-        softness=0.10,
-        gamma=1.6,
-        opacity=0.92,
-        centre=(0.42, 0.27, 0.19),
-        rim=(0.60, 0.42, 0.32),
-        blotch=(0.30, 0.19, 0.14),
-        blotch_amount=0.25,
-        patch=0.0,
-        network=0.6,
-        dark_dots=0.15,
-        red_clods=0.0,
-        blue_nests=0.0,
-        light_cysts=0.05,
-        vessels=0.03,
-        streaks=0.1,
-        scale=0.0,
-        veil=0.0,
-    ),
-    "mel": dict(
-        radius=0.29,
-        irregular=0.17,
-        softness=0.06,
-        gamma=1.0,
-        opacity=0.95,
-        centre=(0.22, 0.13, 0.11),
-        rim=(0.50, 0.33, 0.26),
-        blotch=(0.10, 0.07, 0.08),
-        blotch_amount=0.6,
-        patch=0.05,
-        network=0.4,
-        dark_dots=0.6,
-        red_clods=0.05,
-        blue_nests=0.1,
-        light_cysts=0.0,
-        vessels=0.1,
-        streaks=0.45,
-        scale=0.05,
-        veil=0.55,
-    ),
-    "bkl": dict(
-        radius=0.25,
-        irregular=0.10,
-        softness=0.03,
-        gamma=1.2,
-        opacity=0.90,
-        centre=(0.60, 0.46, 0.31),
-        rim=(0.52, 0.37, 0.25),
-        blotch=(0.40, 0.28, 0.18),
-        blotch_amount=0.35,
-        patch=0.0,
-        network=0.15,
-        dark_dots=0.25,
-        red_clods=0.0,
-        blue_nests=0.0,
-        light_cysts=0.7,
-        vessels=0.1,
-        streaks=0.0,
-        scale=0.45,
-        veil=0.0,
-    ),
-    "bcc": dict(
-        radius=0.21,
-        irregular=0.11,
-        softness=0.10,
-        gamma=1.5,
-        opacity=0.75,
-        centre=(0.86, 0.66, 0.65),
-        rim=(0.82, 0.58, 0.56),
-        blotch=(0.60, 0.45, 0.50),
-        blotch_amount=0.2,
-        patch=0.1,
-        network=0.0,
-        dark_dots=0.05,
-        red_clods=0.05,
-        blue_nests=0.7,
-        light_cysts=0.1,
-        vessels=0.85,
-        streaks=0.0,
-        scale=0.1,
-        veil=0.15,
-    ),
-    "akiec": dict(
-        radius=0.23,
-        irregular=0.13,
-        softness=0.20,
-        gamma=1.0,
-        opacity=0.80,
-        centre=(0.80, 0.47, 0.43),
-        rim=(0.82, 0.55, 0.50),
-        blotch=(0.70, 0.35, 0.33),
-        blotch_amount=0.35,
-        patch=0.0,
-        network=0.0,
-        dark_dots=0.1,
-        red_clods=0.1,
-        blue_nests=0.0,
-        light_cysts=0.05,
-        vessels=0.35,
-        streaks=0.0,
-        scale=0.8,
-        veil=0.0,
-    ),
-    "df": dict(
-        radius=0.14,
-        irregular=0.05,
-        softness=0.18,
-        gamma=0.8,
-        opacity=0.85,
-        centre=(0.62, 0.45, 0.36),
-        rim=(0.55, 0.38, 0.29),
-        blotch=(0.45, 0.30, 0.22),
-        blotch_amount=0.15,
-        patch=0.85,
-        network=0.55,
-        dark_dots=0.05,
-        red_clods=0.0,
-        blue_nests=0.0,
-        light_cysts=0.0,
-        vessels=0.1,
-        streaks=0.0,
-        scale=0.05,
-        veil=0.0,
-    ),
-    "vasc": dict(
-        radius=0.15,
-        irregular=0.06,
-        softness=0.04,
-        gamma=1.0,
-        opacity=0.93,
-        centre=(0.62, 0.22, 0.30),
-        rim=(0.70, 0.30, 0.35),
-        blotch=(0.40, 0.10, 0.25),
-        blotch_amount=0.4,
-        patch=0.0,
-        network=0.0,
-        dark_dots=0.0,
-        red_clods=0.9,
-        blue_nests=0.05,
-        light_cysts=0.0,
-        vessels=0.1,
-        streaks=0.0,
-        scale=0.0,
-        veil=0.1,
-    ),
+    name: {
+        **dict(zip(SHAPE, _SHAPES[name], strict=True)),
+        **dict(zip(COLOURS, _COLOURS[name], strict=True)),
+        **dict(zip(TEXTURES, _TEXTURES[name], strict=True)),
+    }
+    for name in CLASSES
 }
 # Classes a lesion may partly look like (the clinically confusable ones).
 LOOK_ALIKES = {
@@ -382,8 +278,7 @@ LOOK_ALIKES = {
 }
 # Blend weight towards the look-alike: BLEND_MAX · Beta(1, BLEND_BETA). Above 0.5
 # a lesion looks more like the other class: the overlap that keeps it imperfect.
-BLEND_MAX, BLEND_BETA = 0.9, 3.0
-COLOURS = ("centre", "rim", "blotch")
+BLEND_MAX, BLEND_BETA = 0.75, 4.0
 UNBOUNDED = ("radius", "irregular", "softness", "gamma")
 
 
@@ -393,11 +288,11 @@ def lesion_look(dx: str, rng: np.random.Generator) -> dict[str, Any]:
     w = BLEND_MAX * rng.beta(1.0, BLEND_BETA)
     a, b = ARCHETYPES[dx], ARCHETYPES[other]
     look: dict[str, Any] = {}
-    shade = math.exp(rng.normal(0, 0.12))  # darker or lighter lesion overall
+    shade = math.exp(rng.normal(0, 0.10))  # darker or lighter lesion overall
     for name, value in a.items():
         mixed = (1 - w) * np.asarray(value, dtype=np.float32) + w * np.asarray(b[name], np.float32)
         if name in COLOURS:
-            jitter = np.exp(rng.normal(0, 0.07, 3)).astype(np.float32)  # keeps the hue
+            jitter = np.exp(rng.normal(0, 0.06, 3)).astype(np.float32)  # keeps the hue
             look[name] = np.clip(mixed * np.float32(shade) * jitter, 0.02, 0.98)
         elif name in UNBOUNDED:
             look[name] = float(mixed * math.exp(rng.normal(0, 0.2)))
@@ -478,8 +373,8 @@ def _layer_array(layer: Image.Image) -> np.ndarray:
 DOTS = (
     ("dark_dots", (0.10, 0.07, 0.07), (0.02, 0.045), 70),
     ("red_clods", (0.45, 0.06, 0.18), (0.07, 0.17), 28),
-    ("blue_nests", (0.36, 0.42, 0.55), (0.055, 0.12), 14),
-    ("light_cysts", (0.93, 0.88, 0.72), (0.02, 0.045), 40),
+    ("blue_nests", (0.36, 0.42, 0.55), (0.06, 0.14), 14),
+    ("light_cysts", (0.93, 0.88, 0.72), (0.03, 0.065), 36),
 )
 
 
@@ -586,11 +481,11 @@ def render_lesion(look: dict[str, Any], rng: np.random.Generator) -> Image.Image
     # Blue-white veil and whitish central scar (dermatofibroma).
     veil = _smoothstep((_noise(rng, 4, size) - (1 - 0.8 * look["veil"])) * 3) * inner
     _lerp(rgb, (0.52, 0.58, 0.70), 0.8 * veil)
-    _lerp(rgb, (0.93, 0.89, 0.86), _smoothstep((0.5 - t) / 0.3) * look["patch"])
+    _lerp(rgb, (0.95, 0.92, 0.90), _smoothstep((0.6 - t) / 0.3) * look["patch"])
     # Surface scale: white-yellow flakes in patches.
     if look["scale"] > 0.05:
-        flakes = rng.random((CANVAS // 2, CANVAS // 2), dtype=np.float32) > 0.5
-        flakes_full = np.repeat(np.repeat(flakes, 2, 0), 2, 1).astype(np.float32)
+        flakes = rng.random((CANVAS // 3, CANVAS // 3), dtype=np.float32) > 0.5
+        flakes_full = np.repeat(np.repeat(flakes, 3, 0), 3, 1).astype(np.float32)
         patches = _smoothstep((_noise(rng, 6, size) - (1 - look["scale"])) * 3)
         _lerp(rgb, (0.95, 0.92, 0.82), 0.85 * patches * (0.4 + 0.6 * flakes_full) * mask)
     for name, colour, radii, count in DOTS:
@@ -692,7 +587,7 @@ def _lighting(rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.3:
         edge = rng.uniform(1.0, 1.3)
         field = field * (0.08 + 0.92 * _smoothstep((edge - r) / 0.06))
-    balance = np.exp(rng.normal(0, 0.04, 3)).astype(np.float32)
+    balance = np.exp(rng.normal(0, 0.03, 3)).astype(np.float32)
     rgb = np.clip(field[..., None] * balance, 0, 1) * 255
     half = Image.fromarray(rgb.astype(np.uint8), "RGB")
     return half.resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)

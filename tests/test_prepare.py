@@ -175,6 +175,10 @@ def test_prepare_end_to_end_on_files_then_skips_the_rerun(raw: FileStore, tmp_pa
     # Same inputs and settings: skipped (the committed manifest comes back unchanged).
     again = prepare.run_prepare(build(PrepareConfig, {"workers": 2}, CFG), raw, out)
     assert again == manifest  # workers do not change the output, so not the fingerprint
+    # Forced: redone, with byte-identical shards (stable order, deterministic resize).
+    forced = prepare.run_prepare(CFG, raw, out, force=True)
+    shard_files = {k: v for k, v in manifest["files"].items() if k.endswith(".tfrecord")}
+    assert {k: v for k, v in forced["files"].items() if k.endswith(".tfrecord")} == shard_files
     # Another setting: redone.
     other = prepare.run_prepare(build(PrepareConfig, {"val_fraction": 0.3}, CFG), raw, out)
     assert other["fingerprint"] != manifest["fingerprint"]
