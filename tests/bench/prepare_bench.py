@@ -106,30 +106,34 @@ def _tree_rss_kb(pid: int) -> int:
 def prepare_in_child(raw: Path, out: Path) -> dict[str, Any]:
     """Run prepare in a child process: its timing and peak memory (sampled tree sum,
     and the largest process's ru_maxrss from wait4)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD % SIZE, str(raw), str(out)],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    peak = [0]
-    done = threading.Event()
+    with tempfile.TemporaryFile() as log:  # the child's stderr, shown if it fails
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD % SIZE, str(raw), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        peak = [0]
+        done = threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
-            time.sleep(0.05)
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
+                time.sleep(0.05)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    done.set()
-    sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.stdout is not None
-    output = proc.stdout.read().decode()
-    if proc.returncode != 0:
-        raise RuntimeError(f"prepare child failed ({proc.returncode}): {output[-2000:]}")
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode()
+        if proc.returncode != 0:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"prepare child failed ({proc.returncode}):\n{output}{tail}")
     figures = json.loads(output.strip().splitlines()[-1])
     return {**figures, "tree_rss_mb": peak[0] / 1024, "max_process_rss_mb": usage.ru_maxrss / 1024}
 
@@ -145,7 +149,7 @@ def run() -> dict[str, Any]:
         "prepare_bench_cpus": available_cpus(),
         "prepare_bench_unique_images": unique,
         "prepare_bench_mean_jpeg_kb": round(sum(map(len, pool)) / len(pool) / 1024, 1),
-        "synthetic_images_per_s": round(unique / draw_s, 1),
+        "synthetic_draw_images_per_s": round(unique / draw_s, 1),  # incl. pool start
         "prepare_peak_rss_mb": {},
         "prepare_max_process_rss_mb": {},
         "prepare_images_per_s_by_size": {},
