@@ -111,24 +111,30 @@ def resize_chunk(job: ResizeJob) -> list[ResizeResult]:
 # --- process pool for per-image work --------------------------------------------------
 
 
-def available_cpus() -> int:
+def _cgroup_quota(root: Path) -> tuple[int, int] | None:
+    """(quota, period) in microseconds from cgroup v2 `cpu.max` or v1 `cpu.cfs_*`;
+    None when there is no limit or no cgroup file."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return int(quota), int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota
     (a pod limited to 2 CPUs on a 64-core node gets 2, not 64)."""
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     count = count or 1
-    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
-        try:
-            text = Path(path).read_text().split()
-            if path.endswith("cpu.max"):
-                quota, period = text[0], text[1]
-            else:
-                quota = text[0]
-                period = Path(path).with_name("cpu.cfs_period_us").read_text().strip()
-        except (OSError, IndexError):
-            continue
-        if quota not in ("max", "-1") and int(period) > 0:
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
-        break
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota[0] / quota[1])))
     return count
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -109,10 +110,26 @@ def test_undecodable_image_is_a_data_error_naming_the_file(data: bytes) -> None:
         imaging.resize_jpeg(data, "HAM10000_images_part_1/ISIC_1.jpg", 64)
 
 
-def test_workers_follow_the_cgroup_quota() -> None:
-    assert 1 <= imaging.available_cpus() <= (len(__import__("os").sched_getaffinity(0)))
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, None),  # no cgroup files: the affinity mask
+        ({"cpu.max": "max 100000\n"}, None),  # v2 without a limit
+        ({"cpu.max": "50000 100000\n"}, 1),  # v2: half a CPU still gets one worker
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    ],
+)
+def test_workers_follow_the_cgroup_quota(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert imaging.available_cpus(tmp_path) == (expected or affinity)
     assert imaging.resolve_workers(3) == 3
-    assert imaging.resolve_workers(0) == imaging.available_cpus()
+    assert 1 <= imaging.resolve_workers(0) <= affinity
 
 
 # --- dry run -----------------------------------------------------------------------------
