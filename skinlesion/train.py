@@ -308,11 +308,14 @@ class _Trainer:
     # -- model ---------------------------------------------------------------------------
 
     def compile(self, model: Any) -> None:
-        opt: Any
-        if self.phase == "top":
-            opt = keras.optimizers.RMSprop(learning_rate=self.cfg.top_learning_rate)
-        else:
-            opt = keras.optimizers.Adam(learning_rate=self.cfg.finetune_learning_rate)
+        cfg = self.cfg
+        top = self.phase == "top"
+        lr: Any = cfg.top_learning_rate if top else cfg.finetune_learning_rate
+        if cfg.lr_schedule == "cosine":  # by optimizer step: restored with the optimizer
+            lr = keras.optimizers.schedules.CosineDecay(
+                lr, decay_steps=max(1, self.total_epochs * self.steps_per_epoch), alpha=0.1
+            )
+        opt = keras.optimizers.RMSprop(learning_rate=lr) if top else keras.optimizers.Adam(lr)
         model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=["accuracy"])
 
     def init_manifest(self) -> dict[str, Any]:

@@ -297,13 +297,14 @@ def test_weights_none_trains_the_base_and_stale_state_is_dropped(
 # --- preemption: the stage as a separate process ----------------------------------------
 
 
-def _train_cmd(data: Store, out_uri: str, epochs: int) -> list[str]:
+def _train_cmd(data: Store, out_uri: str, epochs: int, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "skinlesion", "train", "--phase", "top",
         "--train-data", data.uri, "--val-data", data.uri, "--out", out_uri,
         "--backbone", "mobilenetv3small", "--weights", "none", "--batch-size", "8",
         "--dense-units", "16", "--top-epochs", str(epochs), "--steps-per-epoch", "12",
         "--patience-loss", "50", "--patience-accuracy", "50", "--run-id", "resume-test",
+        *extra,
     ]  # fmt: skip
 
 
@@ -337,24 +338,26 @@ def _events(stderr: bytes) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_resume_after_killed_training_process(data: Store, s3_uri: str) -> None:
+def test_resume_after_killed_training_process(data: Store, s3_uri: str, tmp_path: Path) -> None:
     """SIGKILL (no chance to clean up) mid-run; the rerun continues the epochs, on S3."""
     epochs = 5
     out_uri = f"{s3_uri}/runs/r1/train"
     out = open_store(out_uri)
+    log = (tmp_path / "first.log").open("wb")  # a file: a full pipe would block the child
     first = subprocess.Popen(
         _train_cmd(data, out_uri, epochs),
         env=_env(),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     try:
         seen = _wait_for_state(first, out, 1, limit=240)
         first.send_signal(signal.SIGKILL)
-        first.communicate(timeout=60)
+        first.wait(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
+        log.close()
     assert first.returncode == -signal.SIGKILL
     assert not out.exists("manifest.json")
     killed_at = int(get_json(out, f"{STATE_PREFIX}/state.json")["epochs_done"])
@@ -383,22 +386,28 @@ def test_resume_after_killed_training_process(data: Store, s3_uri: str) -> None:
 
 @pytest.mark.slow
 def test_sigterm_saves_state_and_the_rerun_resumes(data: Store, tmp_path: Path) -> None:
+    """SIGTERM (pod eviction) mid-run saves the state; here with a cosine learning-rate
+    schedule, whose position lives in the saved optimizer."""
     epochs = 4
     out_uri = (tmp_path / "train").as_uri()
     out = open_store(out_uri)
+    cmd = _train_cmd(data, out_uri, epochs, "--lr-schedule", "cosine")
+    log = (tmp_path / "first.log").open("wb")  # a file: a full pipe would block the child
     first = subprocess.Popen(
-        _train_cmd(data, out_uri, epochs),
+        cmd,
         env=_env(),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     try:
         _wait_for_state(first, out, 1, limit=240)
         first.send_signal(signal.SIGTERM)
-        _, stderr = first.communicate(timeout=120)
+        first.wait(timeout=120)
     finally:
         if first.poll() is None:
             first.kill()
+        log.close()
+    stderr = (tmp_path / "first.log").read_bytes()
     assert first.returncode == 143, stderr.decode()[-3000:]
     saved = [e for e in _events(stderr) if e.get("event") == "saving_state_on_sigterm"]
     assert len(saved) == 1
@@ -409,7 +418,7 @@ def test_sigterm_saves_state_and_the_rerun_resumes(data: Store, tmp_path: Path) 
     assert done == saved[0]["epochs_done"] and 1 <= done < epochs
 
     second = subprocess.run(
-        _train_cmd(data, out_uri, epochs),
+        cmd,
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -419,3 +428,4 @@ def test_sigterm_saves_state_and_the_rerun_resumes(data: Store, tmp_path: Path) 
     resuming = [e for e in _events(second.stderr) if e.get("event") == "resuming"]
     assert resuming and resuming[0]["epoch"] == done
     assert get_json(out, "history.json")["epoch"] == list(range(1, epochs + 1))
+    assert get_json(out, "manifest.json")["settings"]["lr_schedule"] == "cosine"
