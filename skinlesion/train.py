@@ -278,7 +278,7 @@ class _Trainer:
         self.model: Any = None
         self.checkpoint: Any = None
         self.stoppers: dict[str, ResumableEarlyStopping] = {}
-        self.best_saved: float | None = None  # best val_accuracy already in the store
+        self.best_dirty = False  # the best-weights file changed since the last backup
         self.steps_per_epoch = 0
         self.ckpt_path = Path(BEST_CKPT)
         self.backups: StateBackup | None = None
@@ -378,13 +378,11 @@ class _Trainer:
         st.history["images_per_s"].append(round(ips, 1))
         st.epochs_done = epoch + 1
         st.interrupted_in_epoch = None
-        best = self.checkpoint.best
-        improved = best is not None and (
-            self.best_saved is None or float(best) > float(self.best_saved)
-        )
-        if improved:
+        best = self.checkpoint.best  # ModelCheckpoint wrote the file if this epoch is better
+        if best is not None and (st.best_val_accuracy is None or best > st.best_val_accuracy):
             st.best_val_accuracy = float(best)
             st.best_epoch = epoch + 1
+            self.best_dirty = True
         st.early_stopping = {name: es.snapshot() for name, es in self.stoppers.items()}
         if any(es.stopped_epoch for es in self.stoppers.values()) or epoch + 1 >= self.total_epochs:
             st.finished = True
@@ -401,7 +399,7 @@ class _Trainer:
             seconds=round(seconds, 1),
             images_per_s=round(ips, 1),
         )
-        self.backup(f"epoch-{epoch + 1:04d}", new_best=improved)
+        self.backup(f"epoch-{epoch + 1:04d}")
 
     def stop_reason(self, epochs_done: int) -> str:
         for name, es in self.stoppers.items():
@@ -409,12 +407,12 @@ class _Trainer:
                 return f"early stopping on {name} (patience {es.patience})"
         return f"reached {epochs_done} epochs" if epochs_done >= self.total_epochs else ""
 
-    def backup(self, tag: str, new_best: bool) -> None:
-        best_file = self.ckpt_path if new_best and self.ckpt_path.exists() else None
+    def backup(self, tag: str) -> None:
+        best_file = self.ckpt_path if self.best_dirty and self.ckpt_path.exists() else None
         assert self.backups is not None
         self.backups.save(self.state, self.model, best_file, tag)
         if best_file is not None:
-            self.best_saved = self.state.best_val_accuracy
+            self.best_dirty = False
 
     # -- the run -------------------------------------------------------------------------
 
@@ -440,6 +438,7 @@ class _Trainer:
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         self.backups = StateBackup(self.out, self.fp, tmp)
         resumed = self.backups.load()
+        keras.utils.set_random_seed(cfg.seed)  # the initial weights of new layers
         log.info(
             "train_start",
             backbone=cfg.backbone,
@@ -465,7 +464,6 @@ class _Trainer:
                 self.model = keras.saving.load_model(self.backups.fetch(resumed.model_key))
                 if resumed.best_key:
                     self.out.get_file(resumed.best_key, self.ckpt_path)
-                self.best_saved = resumed.best_val_accuracy
                 log.info(
                     "resuming",
                     epoch=resumed.epochs_done,
@@ -478,7 +476,7 @@ class _Trainer:
                 self.model = self.fresh_model(data, tmp)
                 if self.state.best_val_accuracy is not None:  # finetune: the init model
                     self.model.save_weights(self.ckpt_path)
-                    self.best_saved = self.state.best_val_accuracy
+                    self.best_dirty = True  # the first backup stores it
             resumed_from = resumed.epochs_done if resumed is not None else None
             if not self.state.finished and self.state.epochs_done < self.total_epochs:
                 self.fit(data, class_weight, runtime)
@@ -545,12 +543,12 @@ class _Trainer:
                 epochs_done=st.epochs_done,
                 interrupted_in_epoch=st.interrupted_in_epoch,
             )
-            self.backup(f"sigterm-{st.epochs_done:04d}-{int(time.time())}", new_best=False)
+            self.backup(f"sigterm-{st.epochs_done:04d}-{int(time.time())}")
             raise
         if not st.finished:  # fit ended without our flag (should not happen): close it
             st.finished = True
             st.stop_reason = self.stop_reason(st.epochs_done)
-            self.backup(f"epoch-{st.epochs_done:04d}", new_best=False)
+            self.backup(f"epoch-{st.epochs_done:04d}")
 
     # -- outputs -------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from skinlesion import config, shards
 from skinlesion import model as model_lib
 from skinlesion import train as train_lib
 from skinlesion.classes import CLASSES
-from skinlesion.errors import InputError
+from skinlesion.errors import InputError, Terminated
 from skinlesion.manifest import STATE_PREFIX, commit_stage
 from skinlesion.storage import Store, get_json, open_store, put_json
 
@@ -245,6 +245,40 @@ def test_finetune_trains_only_the_named_block(top_run: dict[str, Any], data: Sto
 
 
 @pytest.mark.slow
+def test_interrupted_finetune_resumes_and_keeps_the_init_model_when_nothing_beats_it(
+    top_run: dict[str, Any], data: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preempted after epoch 1 (in-process SIGTERM), resumed: no fine-tuned epoch beats the
+    top model (learning rate ~0), so the output is the top model itself, not the last
+    weights."""
+    cfg = dataclasses.replace(top_run["cfg"], finetune_learning_rate=1e-9)
+    out = open_store(top_run["out"].uri.rsplit("/", 1)[0] + "/ft-resume")
+    epoch_done = train_lib._Trainer.epoch_done
+
+    def preempted_after_first_epoch(self: Any, epoch: int, *args: Any) -> None:
+        epoch_done(self, epoch, *args)
+        raise Terminated()
+
+    monkeypatch.setattr(train_lib._Trainer, "epoch_done", preempted_after_first_epoch)
+    with pytest.raises(Terminated):
+        train_lib.run_train(cfg, "finetune", data, data, out, init_model=top_run["out"])
+    monkeypatch.undo()
+    state = get_json(out, f"{STATE_PREFIX}/state.json")
+    assert state["epochs_done"] == 1 and state["best_epoch"] == 0
+    assert state["best_key"] and state["model_key"].startswith(f"{STATE_PREFIX}/sigterm-")
+    assert not out.exists("manifest.json")
+
+    manifest = train_lib.run_train(cfg, "finetune", data, data, out, init_model=top_run["out"])
+    assert manifest["resumed_from_epoch"] == 1 and manifest["epochs_run"] == 2
+    assert manifest["best_epoch"] == 0
+    assert manifest["best_val_accuracy"] == top_run["manifest"]["best_val_accuracy"]
+    top = weights_of(load_output_model(top_run["out"], top_run["tmp"] / "top2"))
+    tuned = weights_of(load_output_model(out, top_run["tmp"] / "ft-resume"))
+    assert tuned.keys() == top.keys()
+    assert all(same(tuned[name], top[name]) for name in top)
+
+
+@pytest.mark.slow
 def test_finetune_rejects_a_mismatched_init_model_or_block(
     top_run: dict[str, Any], data: Store
 ) -> None:
@@ -412,7 +446,7 @@ def test_sigterm_saves_state_and_the_rerun_resumes(data: Store, tmp_path: Path) 
     saved = [e for e in _events(stderr) if e.get("event") == "saving_state_on_sigterm"]
     assert len(saved) == 1
     state = get_json(out, f"{STATE_PREFIX}/state.json")
-    assert state["model_key"].startswith(f"{STATE_PREFIX}/sigterm-")
+    assert state["best_key"] and state["model_key"].startswith(f"{STATE_PREFIX}/sigterm-")
     assert out.exists(state["model_key"]) and not out.exists("manifest.json")
     done = int(state["epochs_done"])
     assert done == saved[0]["epochs_done"] and 1 <= done < epochs
