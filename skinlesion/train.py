@@ -280,6 +280,7 @@ class _Trainer:
         self.stoppers: dict[str, ResumableEarlyStopping] = {}
         self.best_dirty = False  # the best-weights file changed since the last backup
         self.steps_per_epoch = 0
+        self.batch_size = cfg.batch_size  # global; rounded to a multiple of the replicas
         self.ckpt_path = Path(BEST_CKPT)
         self.backups: StateBackup | None = None
 
@@ -368,9 +369,9 @@ class _Trainer:
     # -- per epoch -----------------------------------------------------------------------
 
     def epoch_done(self, epoch: int, logs_: dict[str, Any], seconds: float, train_s: float) -> None:
-        st, cfg = self.state, self.cfg
+        st = self.state
         steps = self.steps_per_epoch
-        ips = steps * cfg.batch_size / train_s if train_s > 0 else 0.0
+        ips = steps * self.batch_size / train_s if train_s > 0 else 0.0
         st.history["epoch"].append(epoch + 1)
         for key in METRICS:
             st.history[key].append(float(logs_.get(key, float("nan"))))
@@ -433,7 +434,17 @@ class _Trainer:
         runtime = setup_runtime(cfg)  # before any TF op initialises the GPUs
         data = self.load_data(tmp / "data")
         class_weight = self.class_weights(data)
-        self.steps_per_epoch = cfg.steps_per_epoch or math.ceil(data.train_count / cfg.batch_size)
+        # The global batch, split evenly over the replicas (Keras builds a distributed model
+        # from the mean of the first batch's per-replica pieces: they must have one shape).
+        self.batch_size = math.ceil(cfg.batch_size / runtime.replicas) * runtime.replicas
+        if self.batch_size != cfg.batch_size:
+            log.warning(
+                "batch_size_rounded",
+                batch_size=cfg.batch_size,
+                to=self.batch_size,
+                replicas=runtime.replicas,
+            )
+        self.steps_per_epoch = cfg.steps_per_epoch or math.ceil(data.train_count / self.batch_size)
         self.ckpt_path = work / BEST_CKPT
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         self.backups = StateBackup(self.out, self.fp, tmp)
@@ -450,7 +461,7 @@ class _Trainer:
             class_weights=None
             if class_weight is None
             else {CLASSES[i]: round(w, 3) for i, w in class_weight.items()},
-            batch_size=cfg.batch_size,
+            batch_size=self.batch_size,
             steps_per_epoch=self.steps_per_epoch,
             epochs=self.total_epochs,
             gpus=runtime.gpus,
@@ -487,19 +498,30 @@ class _Trainer:
     def fit(self, data: _Data, class_weight: dict[int, float] | None, runtime: Runtime) -> None:
         cfg, st = self.cfg, self.state
         keras.utils.set_random_seed(cfg.seed + st.epochs_done)
+        import tensorflow as tf
+
+        size = data.image_size
+
+        def static(images: Any, labels: Any) -> Any:
+            # Static image shapes: the (possibly empty) per-replica pieces of a last, partial
+            # batch under MirroredStrategy must still be [n, size, size, 3]; also checks size.
+            return tf.ensure_shape(images, [None, size, size, 3]), labels
+
         train_ds = shards.dataset(
             data.train_paths,
             NUM_CLASSES,
-            cfg.batch_size,
+            self.batch_size,
             shuffle=True,
             seed=cfg.seed + st.epochs_done,
             repeat=True,
-        )
-        import tensorflow as tf
-
+        ).map(static)
         # A known length spares Keras' "ran out of data" warning and checks the manifest.
-        val_ds = shards.dataset(data.val_paths, NUM_CLASSES, cfg.batch_size).apply(
-            tf.data.experimental.assert_cardinality(math.ceil(data.val_count / cfg.batch_size))
+        val_ds = (
+            shards.dataset(data.val_paths, NUM_CLASSES, self.batch_size)
+            .map(static)
+            .apply(
+                tf.data.experimental.assert_cardinality(math.ceil(data.val_count / self.batch_size))
+            )
         )
         es = st.early_stopping
         self.stoppers = {
@@ -611,6 +633,7 @@ class _Trainer:
             if class_weight is None
             else {CLASSES[i]: round(w, 4) for i, w in class_weight.items()},
             "trainable_params": trainable,
+            "batch_size": self.batch_size,
             "mixed_precision": runtime.mixed_precision,
             "replicas": runtime.replicas,
         }

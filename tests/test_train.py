@@ -463,3 +463,55 @@ def test_sigterm_saves_state_and_the_rerun_resumes(data: Store, tmp_path: Path) 
     assert resuming and resuming[0]["epoch"] == done
     assert get_json(out, "history.json")["epoch"] == list(range(1, epochs + 1))
     assert get_json(out, "manifest.json")["settings"]["lr_schedule"] == "cosine"
+
+
+_MIRRORED = """
+import dataclasses, json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from skinlesion import logs, train
+from skinlesion.errors import Terminated
+from skinlesion.storage import open_store
+from tests.test_train import tiny_cfg
+
+def two_replicas(cfg):  # what setup_runtime picks with two GPUs, on two CPU devices
+    keras.mixed_precision.set_global_policy("float32")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    return train.Runtime(strategy=strategy, gpus=0, mixed_precision=False)
+
+train.setup_runtime = two_replicas
+logs.configure()
+data, out = open_store(sys.argv[1]), open_store(sys.argv[2])
+cfg = dataclasses.replace(tiny_cfg(), top_epochs=2, batch_size=5)  # uneven last batches
+epoch_done = train._Trainer.epoch_done
+def preempted(self, epoch, *args):
+    epoch_done(self, epoch, *args)
+    raise Terminated()
+train._Trainer.epoch_done = preempted
+try:
+    train.run_train(cfg, "top", data, data, out)
+except Terminated:
+    train._Trainer.epoch_done = epoch_done
+print(json.dumps(train.run_train(cfg, "top", data, data, out)))
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_trains_and_resumes(data: Store, tmp_path: Path) -> None:
+    """The multi-GPU path (MirroredStrategy) on two CPU devices, uneven last batches included;
+    preempted after epoch 1 and resumed in the same process."""
+    out = open_store(str(tmp_path / "train"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED, data.uri, out.uri],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    manifest = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert manifest["replicas"] == 2
+    assert manifest["batch_size"] == 6  # 5 rounded up to split evenly over 2 replicas
+    assert manifest["resumed_from_epoch"] == 1 and manifest["epochs_run"] == 2
