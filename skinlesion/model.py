@@ -34,7 +34,7 @@ from typing import Any
 from skinlesion import logs
 from skinlesion.classes import NUM_CLASSES
 from skinlesion.config import TrainConfig
-from skinlesion.errors import InputError
+from skinlesion.errors import InputError, SkinlesionError
 from skinlesion.storage import Store, open_store
 
 SCRATCH_BN_MOMENTUM = 0.9  # BatchNorm momentum of a base trained from random weights
@@ -136,14 +136,24 @@ def build_for_config(cfg: TrainConfig, image_size: int, load_weights: bool = Tru
     """
     uri = cfg.weights not in ("imagenet", "none")
     scratch = cfg.weights == "none"
-    model = build_model(
-        cfg.backbone,
-        image_size,
-        dense_units=cfg.dense_units,
-        dropout=cfg.dropout,
-        base_weights="imagenet" if cfg.weights == "imagenet" and load_weights else None,
-        base_bn_training=scratch,
-    )
+    try:
+        model = build_model(
+            cfg.backbone,
+            image_size,
+            dense_units=cfg.dense_units,
+            dropout=cfg.dropout,
+            base_weights="imagenet" if cfg.weights == "imagenet" and load_weights else None,
+            base_bn_training=scratch,
+        )
+    except SkinlesionError:
+        raise
+    except Exception as exc:  # keras raises a bare Exception when the download fails
+        if cfg.weights != "imagenet" or not load_weights:
+            raise
+        raise SkinlesionError(
+            f"cannot download ImageNet weights for {cfg.backbone} ({exc}); on a cluster "
+            "without internet mirror them to the store and pass --weights <URI>.weights.h5"
+        ) from None
     if uri and load_weights:
         load_base_weights(get_base(model), cfg.weights)
     if scratch:
@@ -293,7 +303,10 @@ def save_base_weights(base: Any, uri: str) -> str:
 
 def mirror_weights(name: str, uri: str, weights: str = "imagenet", image_size: int = 224) -> str:
     """Build a backbone (ImageNet weights by default: needs internet) and store its weights."""
-    base = build_base(name, image_size, None if weights == "none" else weights)
+    try:
+        base = build_base(name, image_size, None if weights == "none" else weights)
+    except Exception as exc:  # keras raises a bare Exception for a failed download
+        raise SkinlesionError(f"cannot get {weights} weights for {name}: {exc}") from None
     return save_base_weights(base, uri)
 
 
@@ -311,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("uri", help="store URI ending in .weights.h5 (then: --weights URI)")
     args = parser.parse_args(argv)
     logs.configure(stage="mirror-weights")
-    digest = mirror_weights(args.backbone, args.uri)
+    try:
+        digest = mirror_weights(args.backbone, args.uri)
+    except SkinlesionError as exc:
+        logs.get().error("failed", error=str(exc), exit_code=exc.exit_code)
+        return exc.exit_code
     logs.get().info("weights_mirrored", backbone=args.backbone, uri=args.uri, sha256=digest)
     return 0
 

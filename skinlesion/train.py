@@ -263,6 +263,7 @@ class _Trainer:
         out: Store,
         init_model: Store | None,
         fp: str,
+        val_fingerprint: str = "",
     ) -> None:
         self.cfg, self.phase = cfg, phase
         self.train_data, self.val_data, self.out, self.init_model = (
@@ -272,6 +273,7 @@ class _Trainer:
             init_model,
         )
         self.fp = fp
+        self.val_fingerprint = val_fingerprint
         self.log = logs.get().bind(phase=phase)
         self.total_epochs = cfg.top_epochs if phase == "top" else cfg.finetune_epochs
         self.state = TrainState(fingerprint=fp, phase=phase)
@@ -359,9 +361,11 @@ class _Trainer:
             last=unfrozen[-1:],
         )
         self.compile(model)
-        # The fine-tuned model must beat the model it starts from: seed the checkpoint.
+        # The fine-tuned model must beat the model it starts from (when both were scored
+        # on the same val data): seed the checkpoint with it.
         best = init.get("best_val_accuracy")
-        if isinstance(best, int | float):
+        same_val = init.get("inputs", {}).get("val_data") == self.val_fingerprint
+        if isinstance(best, int | float) and same_val:
             self.state.best_val_accuracy = float(best)
             self.state.best_epoch = 0
         return model
@@ -677,7 +681,6 @@ def run_train(
     settings = pipeline.stage_settings(stage, cfg)
     inputs = pipeline.input_fingerprints(names)
     fp = fingerprint(stage, settings, inputs)
-    trainer = _Trainer(
-        cfg, phase, train_data, val_data, out, init_model if phase == "finetune" else None, fp
-    )
+    init = init_model if phase == "finetune" else None
+    trainer = _Trainer(cfg, phase, train_data, val_data, out, init, fp, inputs["val_data"])
     return commit_stage(stage, out, settings, inputs, trainer.run, force)

@@ -14,7 +14,7 @@ import pytest
 
 from skinlesion import config
 from skinlesion import model as model_lib
-from skinlesion.errors import InputError
+from skinlesion.errors import InputError, SkinlesionError
 from skinlesion.storage import Store
 
 SIZE = 32
@@ -225,3 +225,15 @@ def test_training_after_unfreeze_changes_only_the_block_and_head() -> None:
         assert changed == trains, f"{lyr.name}: changed={changed}, expected {trains}"
     head_after = net.get_layer("predictions").get_weights()
     assert not np.array_equal(np.array(head_after[0]), head_before[0])
+
+
+def test_imagenet_download_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No internet here: the Keras download fails; the message says what to do instead."""
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise Exception("URL fetch failure on https://example/weights.h5")  # as keras does
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    with pytest.raises(SkinlesionError, match=r"mirror them to the store and pass --weights"):
+        model_lib.build_for_config(tiny_cfg(weights="imagenet"), SIZE)

@@ -40,12 +40,14 @@ def training_curves(
         val_acc = list(hist.get("val_accuracy", []))
         if val_acc:
             best = max(range(len(val_acc)), key=lambda i: val_acc[i])
+            ax_acc.plot(epochs[best], val_acc[best], "*", ms=11, color=colour)
             ax_acc.annotate(
                 f"best {val_acc[best]:.3f}",
                 (epochs[best], val_acc[best]),
                 textcoords="offset points",
-                xytext=(0, 8),
+                xytext=(0, -14),
                 ha="center",
+                va="top",
                 fontsize=8,
                 color=colour,
             )
