@@ -29,6 +29,21 @@ IN_CLUSTER_ENV = "KUBERNETES_SERVICE_HOST"
 SERVICEACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
+def _read_or_none(what: str, read: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    """One object by name as a dict, or None when it does not exist."""
+    try:
+        return _json(
+            _call(
+                what,
+                lambda: read(
+                    name, namespace, _preload_content=False, _request_timeout=CALL_TIMEOUT_S
+                ),
+            )
+        )
+    except NotFound:
+        return None
+
+
 class ApiError(SkinlesionError):
     """The API server refused or failed a request (after retries when transient)."""
 
@@ -195,17 +210,7 @@ class Kube:
     # Jobs
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return _json(
-                _call(
-                    f"get job {name}",
-                    lambda: self.batch.read_namespaced_job(
-                        name, namespace, _preload_content=False, _request_timeout=CALL_TIMEOUT_S
-                    ),
-                )
-            )
-        except NotFound:
-            return None
+        return _read_or_none(f"get job {name}", self.batch.read_namespaced_job, name, namespace)
 
     def list_jobs(
         self, namespace: str, field_selector: str | None = None, label_selector: str | None = None
@@ -309,17 +314,9 @@ class Kube:
     # Leases (coordination.k8s.io/v1)
 
     def get_lease(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return _json(
-                _call(
-                    f"get lease {name}",
-                    lambda: self.coordination.read_namespaced_lease(
-                        name, namespace, _preload_content=False, _request_timeout=CALL_TIMEOUT_S
-                    ),
-                )
-            )
-        except NotFound:
-            return None
+        return _read_or_none(
+            f"get lease {name}", self.coordination.read_namespaced_lease, name, namespace
+        )
 
     def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return _json(
