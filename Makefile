@@ -18,7 +18,7 @@ NAMESPACE ?= skinlesion
 RELEASE ?= skinlesion
 VALUES ?= charts/skinlesion/values-kind.yaml
 
-.PHONY: help setup setup-dev run test check lint fmt bench image image-gpu kind-up deploy kind-test clean
+.PHONY: help setup setup-dev lock run test check lint fmt bench image image-gpu kind-up deploy kind-test clean
 
 help:
 	@echo "make run      set up .venv and run the whole pipeline locally (synthetic data)"
@@ -27,15 +27,23 @@ help:
 	@echo "make bench    benchmarks -> $(BENCH_JSON)"
 	@echo "make image | kind-up | deploy | kind-test   Kubernetes (needs docker, kind, helm)"
 
-$(VENV)/.runtime: pyproject.toml
+# Every install takes its versions from the lock file (constraints.txt), as the image does:
+# the result does not depend on the day it runs. `make lock` regenerates it.
+PIP_INSTALL = $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+
+$(VENV)/.runtime: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
+
+# Regenerate the lock from the current .venv (after changing pyproject's dependencies,
+# `pip install` the new versions into .venv, then run this; the GPU section needs the index).
+lock: setup-dev
+	$(PY) -m tests.lockfile
 
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
@@ -44,7 +52,7 @@ run: setup
 	$(BIN)/skinlesion run --store $(STORE) --run-id $(RUN_ID) --preset $(PRESET)
 
 test: setup-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 lint: setup-dev
 	$(BIN)/ruff check skinlesion jobs tests

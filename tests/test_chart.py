@@ -23,6 +23,7 @@ from skinlesion import config
 from skinlesion.classes import CLASSES
 from skinlesion.pipeline import STAGE_BY_NAME, STAGES
 from tests import chart_render as cr
+from tests import lockfile
 from tests.chart_render import Rendered, containers, job_spec, pod_spec
 
 GPU = "nvidia.com/gpu"
@@ -807,10 +808,12 @@ def test_dockerfile_matches_the_chart() -> None:
 
 
 def test_constraints_pin_the_tested_environment() -> None:
-    """The image installs exactly the versions the tests ran with (regenerate on drift:
-    `python -m tests.chart_render`)."""
-    cpu, gpu = cr.read_constraints()
-    assert cpu == cr.runtime_pins()
-    assert "tensorflow" in cpu and "boto3" in cpu
-    assert "nvidia-cudnn-cu12" in gpu
-    assert not set(cpu) & set(gpu)
+    """make run, make test and the image install exactly the versions the tests ran with
+    (regenerate on drift: `make lock`)."""
+    pins = lockfile.read()
+    assert pins["runtime"] == lockfile.runtime_pins()
+    assert pins["dev"] == lockfile.dev_pins()
+    assert "tensorflow" in pins["runtime"] and "pytest" in pins["dev"]
+    assert "nvidia-cudnn-cu12" in pins["gpu"]
+    assert not set(pins["runtime"]) & set(pins["gpu"])
+    assert not set(pins["runtime"]) & set(pins["dev"])

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from skinlesion.classes import CLASSES
 from skinlesion.manifest import read_manifest
 from skinlesion.storage import get_json, open_store
+from tests.runs import RUN_TIMEOUT_S, run_command, run_env, skinlesion_run
 
 pytestmark = pytest.mark.slow
 
@@ -31,22 +31,8 @@ METRIC_KEYS = {
 }
 
 
-def _run(store: str, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "skinlesion",
-        "run",
-        "--store",
-        store,
-        "--preset",
-        "tiny",
-        "--run-id",
-        "e2e",
-        *extra,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+def _run(store: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return skinlesion_run(store, *extra)
 
 
 def test_run_through_s3_commits_every_stage_then_rerun_only_reports(s3_uri: str) -> None:
@@ -74,34 +60,22 @@ def test_run_through_s3_commits_every_stage_then_rerun_only_reports(s3_uri: str)
 
 def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> None:
     store_uri = f"file://{tmp_path}/store"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "skinlesion",
-        "run",
-        "--store",
+    env = run_env()
+    cmd = run_command(
         store_uri,
-        "--preset",
-        "tiny",
-        "--run-id",
-        "e2e",
-        "--set",
-        "train.top_epochs=30",
-        "--set",
-        "train.patience_loss=30",
-        "--set",
-        "train.patience_accuracy=30",
-    ]
+        *("--set", "train.top_epochs=30"),
+        *("--set", "train.patience_loss=30"),
+        *("--set", "train.patience_accuracy=30"),
+    )
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     state = tmp_path / "store/runs/e2e/train/state"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
         while not (state.is_dir() and any(state.iterdir())):
             assert proc.poll() is None, "the run ended before training saved any state"
-            assert time.monotonic() < deadline, "no training state after 10 minutes"
+            assert time.monotonic() < deadline, "no training state in time"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its stage process, no cleanup
@@ -110,7 +84,7 @@ def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> Non
     assert read_manifest(store.child("runs", "e2e", "augment")) is not None
     assert read_manifest(store.child("runs", "e2e", "train")) is None
 
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     lines = [json.loads(x) for x in resumed.stderr.splitlines() if x.startswith("{")]
     skipped = [x["step"] for x in lines if x.get("event") == "stage_skipped"]
