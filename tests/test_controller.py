@@ -459,14 +459,16 @@ def test_rerun_after_a_failed_run_tries_again_with_the_next_attempt(
 
 
 def test_second_controller_is_refused_by_the_lease(make_run: Callable[..., Run]) -> None:
-    run = make_run("--lease-seconds", "4")
+    run = make_run("--lease-seconds", "30")
     with run.kubelet(prepare=["hold"]) as kubelet:
         first = Background(run.controller)
         kubelet.wait_for(lambda: len(kubelet.jobs) == 1)
         start = time.monotonic()
         with pytest.raises(LeaseHeld, match="refusing to start a second controller"):
             run.controller()
-        assert time.monotonic() - start < 4.0  # on the holder's next renewal, not on expiry
+        # Refused on a renewal seen within one lease duration (renewed every third of it),
+        # never by waiting for the Lease to expire; no tighter bound: a busy machine is slow.
+        assert time.monotonic() - start < 30.0
         assert created_jobs(run.km) == names(("prepare", 1))
         kubelet.finish(names(("prepare", 1))[0])
         assert first.result() == 0
