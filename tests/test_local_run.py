@@ -63,9 +63,10 @@ def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> Non
     env = run_env()
     cmd = run_command(
         store_uri,
-        *("--set", "train.top_epochs=30"),
-        *("--set", "train.patience_loss=30"),
-        *("--set", "train.patience_accuracy=30"),
+        # Enough epochs that the kill (at the first saved epoch) lands mid-training.
+        *("--set", "train.top_epochs=10"),
+        *("--set", "train.patience_loss=10"),
+        *("--set", "train.patience_accuracy=10"),
     )
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
