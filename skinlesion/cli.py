@@ -2,7 +2,9 @@
 
 Handlers only parse arguments, open stores and call the library; `jobs/*.py`
 call `main()` with their subcommand, so the CLI and the Jobs share one path.
-Errors become one line on stderr and an exit code (errors.py).
+Errors become one line on stderr and an exit code (errors.py): bad input of any
+kind (a flag's value, a `--config` file, a store URI) is `skinlesion <cmd>: error:
+...` and exit 2; Ctrl-C exits 130 and SIGTERM 143, saying how to resume.
 """
 
 from __future__ import annotations
@@ -12,13 +14,44 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from skinlesion import config, logs
-from skinlesion.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, SkinlesionError, Terminated
-from skinlesion.storage import open_store
+from skinlesion.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CTRL_C,
+    EXIT_INTERRUPTED,
+    InputError,
+    SkinlesionError,
+    Terminated,
+)
+from skinlesion.storage import Store, open_store
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _store(flag: str, uri: str) -> Store:
+    """The store a flag names; a bad URI or path is an error naming the flag."""
+    try:
+        return open_store(uri)
+    except InputError as exc:
+        raise InputError(f"{flag}: {exc}") from None
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (argparse names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -44,7 +77,7 @@ def _stage_parser(
 def _sample_data(args: argparse.Namespace) -> int:
     from skinlesion.synthetic import write_sample_data
 
-    summary = write_sample_data(open_store(args.out), images=args.images, seed=args.seed)
+    summary = write_sample_data(_store("--out", args.out), images=args.images, seed=args.seed)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -54,11 +87,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
     cfg = config.section_from_args(config.PrepareConfig, args, "prepare")
     if args.dry_run:
-        print(json.dumps(prepare.plan_split(cfg, open_store(args.raw)), indent=2))
+        print(json.dumps(prepare.plan_split(cfg, _store("--raw", args.raw)), indent=2))
         return 0
     if not args.out:
-        raise SkinlesionError("--out is required unless --dry-run")
-    prepare.run_prepare(cfg, open_store(args.raw), open_store(args.out), force=args.force)
+        raise InputError("--out is required unless --dry-run")
+    raw, out = _store("--raw", args.raw), _store("--out", args.out)
+    logs.import_tensorflow()
+    prepare.run_prepare(cfg, raw, out, force=args.force)
     return 0
 
 
@@ -66,26 +101,26 @@ def _augment(args: argparse.Namespace) -> int:
     from skinlesion import augment
 
     cfg = config.section_from_args(config.AugmentConfig, args, "augment")
-    augment.run_augment(cfg, open_store(args.prepared), open_store(args.out), force=args.force)
+    prepared, out = _store("--prepared", args.prepared), _store("--out", args.out)
+    logs.import_tensorflow()
+    augment.run_augment(cfg, prepared, out, force=args.force)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = config.section_from_args(config.TrainConfig, args, "train")
+    if args.phase == "finetune" and not args.init_model:
+        raise InputError("--phase finetune needs --init-model (the top phase's output)")
+    init = _store("--init-model", args.init_model) if args.init_model else None
+    train_data, val_data = (
+        _store("--train-data", args.train_data),
+        _store("--val-data", args.val_data),
+    )
+    out = _store("--out", args.out)
+    logs.import_tensorflow()
     from skinlesion import train
 
-    cfg = config.section_from_args(config.TrainConfig, args, "train")
-    init = open_store(args.init_model) if args.init_model else None
-    if args.phase == "finetune" and init is None:
-        raise SkinlesionError("--phase finetune needs --init-model (the top phase's output)")
-    train.run_train(
-        cfg,
-        args.phase,
-        open_store(args.train_data),
-        open_store(args.val_data),
-        open_store(args.out),
-        init_model=init,
-        force=args.force,
-    )
+    train.run_train(cfg, args.phase, train_data, val_data, out, init_model=init, force=args.force)
     return 0
 
 
@@ -93,13 +128,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from skinlesion import evaluate
 
     cfg = config.section_from_args(config.EvaluateConfig, args, "evaluate")
-    evaluate.run_evaluate(
-        cfg,
-        open_store(args.model),
-        open_store(args.val_data),
-        open_store(args.out),
-        force=args.force,
-    )
+    model, val_data = _store("--model", args.model), _store("--val-data", args.val_data)
+    out = _store("--out", args.out)
+    logs.import_tensorflow()
+    evaluate.run_evaluate(cfg, model, val_data, out, force=args.force)
     return 0
 
 
@@ -109,12 +141,12 @@ def _promote(args: argparse.Namespace) -> int:
     cfg = config.section_from_args(config.PromoteConfig, args, "promote")
     promote.run_promote(
         cfg,
-        open_store(args.candidate),
-        open_store(args.model),
-        open_store(args.target),
+        _store("--candidate", args.candidate),
+        _store("--model", args.model),
+        _store("--target", args.target),
         run_id=args.run_id,
         force=args.force,
-        out=open_store(args.out) if args.out else None,
+        out=_store("--out", args.out) if args.out else None,
     )
     return 0
 
@@ -122,6 +154,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from skinlesion.predict import predict
 
+    logs.import_tensorflow()
     print(json.dumps(predict(args.model, args.images), indent=2))
     return 0
 
@@ -130,6 +163,9 @@ def _run(args: argparse.Namespace) -> int:
     from skinlesion.local_run import run_local
 
     cfg = config.load_pipeline(args.preset, args.config, args.set)
+    _store("--store", args.store)
+    if args.raw:
+        _store("--raw", args.raw)
     return run_local(cfg, store_uri=args.store, raw_uri=args.raw, run_id=args.run_id)
 
 
@@ -151,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _stage_parser(sub, "sample-data", "write a synthetic HAM10000-format tree")
     p.add_argument("--out", required=True, help="store URI of the tree (…/raw/HAM10000)")
-    p.add_argument("--images", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=_int_in(0, config.MAX_IMAGES), default=1500)
+    p.add_argument("--seed", type=_int_in(0, config.SEED_MAX), default=0)
     p.set_defaults(handler=_sample_data)
 
     p = _stage_parser(
@@ -213,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument(
             "--store",
-            default="file://" + str(__import__("pathlib").Path.cwd() / "store"),
+            default=(Path.cwd() / "store").as_uri(),
             help="store URI (default: ./store)",
         )
         p.add_argument("--raw", help="HAM10000 tree URI (default: <store>/raw/HAM10000)")
@@ -237,15 +273,39 @@ def build_parser() -> argparse.ArgumentParser:
             from skinlesion.controller import add_controller_arguments
 
             add_controller_arguments(p)
+    for command_parser in sub.choices.values():  # errors then say `skinlesion <cmd>: error:`
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; every usage error (also an unknown flag) is reported by the
+    subcommand's parser, so it reads `skinlesion <cmd>: error: ...`, exit 2."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up runs undisturbed
     raise Terminated()
 
 
+def _resume_hint(command: str) -> str:
+    same = (
+        "the same command (same --run-id)"
+        if command in ("run", "controller")
+        else ("the same command")
+    )
+    return f"finished stages and the last epoch are saved; rerun {same} to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except SystemExit as exc:  # argparse printed usage and `skinlesion <cmd>: error: ...`
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logs.configure(run_id=args.run_id, stage=args.command, level=args.log_level)
     log = logs.get()
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -255,9 +315,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("failed", error=str(exc), exit_code=exc.exit_code)
         print(f"skinlesion {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (KeyboardInterrupt, Terminated):
-        log.warning("interrupted")
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, Terminated) as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a parent's SIGTERM after Ctrl-C
+        how, code = (
+            ("SIGTERM", EXIT_INTERRUPTED)
+            if isinstance(exc, Terminated)
+            else (
+                "Ctrl-C",
+                EXIT_CTRL_C,
+            )
+        )
+        log.warning("interrupted", signal=how, exit_code=code)
+        print(
+            f"skinlesion {args.command}: interrupted ({how}): {_resume_hint(args.command)}",
+            file=sys.stderr,
+        )
+        return code
     except (OSError, ValueError) as exc:
         # Unexpected: keep the traceback in the log for the developer, exit non-bad-input.
         log.exception("crashed", error=f"{type(exc).__name__}: {exc}")

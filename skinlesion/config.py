@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -16,12 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-import yaml
-
+from skinlesion import userinput
 from skinlesion.classes import CLASSES
-from skinlesion.errors import ConfigError
+from skinlesion.errors import ConfigError, InputError
 
 BACKBONES = ("resnet152", "resnet50", "efficientnetb0", "mobilenetv3small")
+# Every int field has a range. Seeds go to numpy, which takes 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+MAX_EPOCHS = 10_000
+MAX_SHARD = 1_000_000
+MAX_IMAGES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,11 @@ class PrepareConfig:
 
     def validate(self) -> None:
         _check(0.0 < self.val_fraction < 1.0, "prepare.val_fraction", "must be in (0, 1)")
-        _check(32 <= self.image_size <= 1024, "prepare.image_size", "must be in [32, 1024]")
-        _check(self.workers >= 0, "prepare.workers", "must be >= 0")
-        _check(self.shard_size >= 1, "prepare.shard_size", "must be >= 1")
-        _check(50 <= self.jpeg_quality <= 100, "prepare.jpeg_quality", "must be in [50, 100]")
+        _in_range(self.seed, 0, SEED_MAX, "prepare.seed")
+        _in_range(self.image_size, 32, 1024, "prepare.image_size")
+        _in_range(self.workers, 0, 1024, "prepare.workers")
+        _in_range(self.shard_size, 1, MAX_SHARD, "prepare.shard_size")
+        _in_range(self.jpeg_quality, 50, 100, "prepare.jpeg_quality")
 
 
 @dataclass(frozen=True)
@@ -58,13 +64,14 @@ class AugmentConfig:
     shard_size: int = 1000
 
     def validate(self) -> None:
-        _check(self.target_per_class >= 1, "augment.target_per_class", "must be >= 1")
+        _in_range(self.target_per_class, 1, MAX_IMAGES, "augment.target_per_class")
+        _in_range(self.seed, 0, SEED_MAX, "augment.seed")
         for name in self.exclude:
             _check(name in CLASSES, "augment.exclude", f"unknown class '{name}'")
         _check(0 <= self.rotation_deg <= 180, "augment.rotation_deg", "must be in [0, 180]")
         _check(0 <= self.shift < 0.5, "augment.shift", "must be in [0, 0.5)")
         _check(0 <= self.zoom < 0.5, "augment.zoom", "must be in [0, 0.5)")
-        _check(self.shard_size >= 1, "augment.shard_size", "must be >= 1")
+        _in_range(self.shard_size, 1, MAX_SHARD, "augment.shard_size")
 
 
 @dataclass(frozen=True)
@@ -100,16 +107,17 @@ class TrainConfig:
             "train.weights",
             "a weights URI must end in .weights.h5",
         )
-        _check(1 <= self.batch_size <= 4096, "train.batch_size", "must be in [1, 4096]")
-        _check(self.top_epochs >= 1, "train.top_epochs", "must be >= 1")
-        _check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")
+        _in_range(self.batch_size, 1, 4096, "train.batch_size")
+        _in_range(self.top_epochs, 1, MAX_EPOCHS, "train.top_epochs")
+        _in_range(self.finetune_epochs, 0, MAX_EPOCHS, "train.finetune_epochs")
         _check(self.top_learning_rate > 0, "train.top_learning_rate", "must be > 0")
         _check(self.finetune_learning_rate > 0, "train.finetune_learning_rate", "must be > 0")
-        _check(self.patience_loss >= 1, "train.patience_loss", "must be >= 1")
-        _check(self.patience_accuracy >= 1, "train.patience_accuracy", "must be >= 1")
-        _check(self.dense_units >= 1, "train.dense_units", "must be >= 1")
+        _in_range(self.patience_loss, 1, MAX_EPOCHS, "train.patience_loss")
+        _in_range(self.patience_accuracy, 1, MAX_EPOCHS, "train.patience_accuracy")
+        _in_range(self.dense_units, 1, 65536, "train.dense_units")
         _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
-        _check(self.steps_per_epoch >= 0, "train.steps_per_epoch", "must be >= 0")
+        _in_range(self.seed, 0, SEED_MAX, "train.seed")
+        _in_range(self.steps_per_epoch, 0, MAX_IMAGES, "train.steps_per_epoch")
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,8 @@ class EvaluateConfig:
     ece_bins: int = 15
 
     def validate(self) -> None:
-        _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
-        _check(2 <= self.ece_bins <= 100, "evaluate.ece_bins", "must be in [2, 100]")
+        _in_range(self.batch_size, 1, 4096, "evaluate.batch_size")
+        _in_range(self.ece_bins, 2, 100, "evaluate.ece_bins")
 
 
 @dataclass(frozen=True)
@@ -146,8 +154,10 @@ class PipelineConfig:
     def validate(self) -> None:
         for section in (self.prepare, self.augment, self.train, self.evaluate, self.promote):
             section.validate()
-        _check(0 <= self.retries <= 10, "retries", "must be in [0, 10]")
-        _check(self.synthetic_images >= 70, "synthetic_images", "must be >= 70")
+        _in_range(self.retries, 0, 10, "retries")
+        from skinlesion.synthetic import MIN_IMAGES  # the generator's own lower bound
+
+        _in_range(self.synthetic_images, MIN_IMAGES, MAX_IMAGES, "synthetic_images")
 
 
 # Named presets: partial mappings applied over the defaults.
@@ -206,6 +216,10 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(name, message)
 
 
+def _in_range(value: int, low: int, high: int, name: str) -> None:
+    _check(low <= value <= high, name, f"must be in [{low}, {high}], got {value}")
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or fail naming the field."""
     origin = get_origin(hint)
@@ -245,9 +259,12 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(name, f"must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(name, f"must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(name, f"must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ConfigError(name, f"must be a string, got {value!r}")
@@ -306,7 +323,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):  # "train=1" and then "train.batch_size=2"
                 raise ConfigError(dotted.strip(), f"'{part}' was already given a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = userinput.parse_yaml(raw, f"--set {pair}") if raw else ""
     return tree
 
 
@@ -326,16 +343,12 @@ def load_pipeline(
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError("config", f"file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{path}: invalid YAML: {exc}".splitlines()[0]) from None
+    """A `--config` file: a YAML mapping (empty file: no changes)."""
+    data = userinput.read_yaml(path, "--config")
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("config", f"{path}: top level must be a mapping")
+        raise InputError(f"--config {path}: top level must be a mapping")
     return data
 
 

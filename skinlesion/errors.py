@@ -7,7 +7,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 143
+EXIT_INTERRUPTED = 143  # SIGTERM (128 + 15): pod eviction; state is saved, rerun resumes
+EXIT_CTRL_C = 130  # SIGINT (128 + 2), the shell's convention for Ctrl-C
 
 
 class SkinlesionError(Exception):

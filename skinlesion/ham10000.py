@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from skinlesion import userinput
 from skinlesion.classes import CLASSES
 from skinlesion.errors import DataError, InputError
 from skinlesion.keys import safe_segment
@@ -46,6 +47,13 @@ def _problem(line: int, field: str, message: str) -> DataError:
 
 def _check_header(header: list[str]) -> None:
     names = [h.strip() for h in header]
+    if len(names) == 1:
+        for name, sep in (("';'", ";"), ("tab", "\t"), ("'|'", "|")):
+            if len(names[0].split(sep)) >= len(COLUMNS):
+                raise DataError(
+                    f"{METADATA} line 1: the delimiter looks wrong: columns are separated by "
+                    f"{name}, expected ',' (save it as comma-separated CSV)"
+                )
     for name in COLUMNS:
         if name not in names:
             raise DataError(
@@ -81,16 +89,17 @@ def _check_row(row: dict[str, str], line: int) -> None:
         )
 
 
-def _decode(data: bytes) -> str:
+def _decode(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{METADATA}: not UTF-8 text (byte {exc.start})") from None
+        raise DataError(f"{name}: {userinput.describe(exc)}") from None
 
 
-def parse_metadata(data: bytes) -> pd.DataFrame:
-    """Validate the metadata CSV bytes; a frame in CSV order with a `line` column."""
-    reader = csv.reader(io.StringIO(_decode(data), newline=""))
+def parse_metadata(data: bytes, name: str = METADATA) -> pd.DataFrame:
+    """Validate the metadata CSV bytes (`name`: its full path, for a decoding error);
+    a frame in CSV order with a `line` column."""
+    reader = csv.reader(io.StringIO(_decode(data, name), newline=""))
     try:
         header = next(reader)
     except StopIteration:
@@ -150,7 +159,7 @@ def read_metadata(store: Store) -> pd.DataFrame:
     """The validated metadata of the tree at `store` (reads no image)."""
     if not store.exists(METADATA):
         raise DataError(f"{METADATA}: not found in {store.uri} (is this a HAM10000 tree?)")
-    return parse_metadata(store.get_bytes(METADATA))
+    return parse_metadata(store.get_bytes(METADATA), f"{store.uri}/{METADATA}")
 
 
 def list_images(store: Store) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
+from skinlesion import userinput
 from skinlesion.errors import DataError
 from skinlesion.storage import Store, open_store
 
@@ -46,7 +47,8 @@ def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
 
 def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash") -> Image.Image:
     """The image as RGB `size` x `size`: `squash` resizes the whole frame, `crop`
-    takes the centre square first. DataError naming `name` when undecodable."""
+    takes the centre square first. DataError naming `name` (the image's full path or
+    URI) when undecodable."""
     try:
         source = Image.open(io.BytesIO(data))
         source.draft("RGB", (size, size))  # JPEG only: DCT downscale, both sides stay >= size
@@ -54,7 +56,7 @@ def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash")
         box = centre_square(*img.size) if resize == "crop" else None
         return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
     except _DECODE_ERRORS as exc:
-        raise DataError(f"{name}: cannot decode image: {exc}") from None
+        raise DataError(f"{name}: cannot decode image: {userinput.describe(exc)}") from None
 
 
 def resize_jpeg(
@@ -71,7 +73,7 @@ def resize_jpeg(
 
 @dataclass(frozen=True)
 class ResizeJob:
-    images: tuple[tuple[str, str], ...]  # (store key, file name for errors)
+    keys: tuple[str, ...]  # of the images in the source store
     size: int
     resize: Resize
     quality: int
@@ -97,8 +99,9 @@ def resize_chunk(job: ResizeJob) -> list[ResizeResult]:
     """Fetch and resize each image of `job` (runs in a worker of `ordered_map`)."""
     assert _SOURCE is not None, "init_worker was not called"
     results = []
-    for key, name in job.images:
+    for key in job.keys:
         data = _SOURCE.get_bytes(key)
+        name = f"{_SOURCE.uri}/{key}"
         try:
             results.append(ResizeResult(resize_jpeg(data, name, job.size, job.resize, job.quality)))
         except DataError as exc:

@@ -8,8 +8,10 @@ bar on a terminal and a log line every few percent in a pod.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar
@@ -67,9 +69,74 @@ def configure(run_id: str = "-", stage: str = "-", level: str = "INFO") -> None:
     )
     structlog.contextvars.clear_contextvars()
     bind(run_id=run_id, stage=stage)
-    # Quieten libraries that log on their own.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "kubernetes", "absl"):
+    # Quieten libraries that log on their own (absl: TensorFlow's Python side).
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    quiet_tensorflow(debug=level == "DEBUG")
+
+
+# --- TensorFlow's C++ start-up lines ----------------------------------------------------
+# On a CPU machine TensorFlow prints "Could not find cuda drivers", "failed call to
+# cuInit: ... UNKNOWN ERROR" and oneDNN notices on every start: they read like failures.
+# TF_CPP_MIN_LOG_LEVEL (0 all, 1 no INFO, 2 no WARNING, 3 no ERROR) hides the ones logged
+# after absl is initialised; the few written before it (at import) are filtered below by
+# the same level. A value the user set is kept; --log-level DEBUG shows everything.
+
+TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"
+_SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+_NATIVE_LINE = re.compile(rb"^([IWEF])\d{4} ")
+_PRE_INIT = b"All log messages before absl::InitializeLog() is called"
+
+
+def quiet_tensorflow(debug: bool) -> None:
+    """Set TF_CPP_MIN_LOG_LEVEL (3 by default, 0 with DEBUG) unless already set; call
+    before tensorflow is imported. Child processes inherit the value."""
+    os.environ.setdefault(TF_LOG_LEVEL, "0" if debug else "3")
+
+
+def _tf_level() -> int:
+    try:
+        return int(os.environ.get(TF_LOG_LEVEL, "0"))
+    except ValueError:
+        return 0
+
+
+def native_lines_kept(lines: list[bytes], level: int) -> list[bytes]:
+    """The lines (of stderr) to keep at TF_CPP_MIN_LOG_LEVEL `level`: C++ log lines below it
+    and absl's "messages before InitializeLog" notice go, anything else stays."""
+    if level <= 0:
+        return lines
+    return [
+        line
+        for line in lines
+        if _PRE_INIT not in line
+        and not ((m := _NATIVE_LINE.match(line)) and _SEVERITY[m.group(1).decode()] < level)
+    ]
+
+
+def import_tensorflow() -> None:
+    """Import tensorflow, filtering (`native_lines_kept`) what it writes to stderr while
+    importing, before its own logging honours TF_CPP_MIN_LOG_LEVEL."""
+    level = _tf_level()
+    if level <= 0 or "tensorflow" in sys.modules:
+        import tensorflow
+
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = native_lines_kept(captured.read().splitlines(keepends=True), level)
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def bind(**values: Any) -> None:

@@ -54,10 +54,10 @@ def _ordered_rows(split: Split) -> pd.DataFrame:
 
 
 def _jobs(rows: pd.DataFrame, cfg: config.PrepareConfig) -> Iterator[ResizeJob]:
-    images = list(zip(rows["key"], rows["key"].str.rsplit("/", n=1).str[-1], strict=True))
-    for i in range(0, len(images), CHUNK):
+    keys = list(rows["key"])
+    for i in range(0, len(keys), CHUNK):
         yield ResizeJob(
-            tuple(images[i : i + CHUNK]),
+            tuple(keys[i : i + CHUNK]),
             cfg.image_size,
             cfg.resize,
             cfg.jpeg_quality,

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote_to_bytes, urlparse
 
 from skinlesion import logs
 from skinlesion.errors import InputError, StoreError
@@ -106,9 +106,14 @@ def _rel(parts: tuple[str, ...]) -> str:
 
 
 class FileStore:
+    """A directory. `root` is a real path (may hold spaces, '%', any letter); `uri` is
+    its `file://` URI, percent-encoded once, which `open_store` decodes once."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
         self.uri = self.root.as_uri()
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"{self.root} is a file, not a directory (a store is a directory)")
 
     def child(self, *parts: str) -> FileStore:
         return FileStore(self.root / _rel(parts))
@@ -370,8 +375,24 @@ class S3Store:
         self._call("delete", key, self._client.delete_object, Key=self._key(key))
 
 
+def file_uri_path(uri: str) -> Path:
+    """The local path of a `file:///abs/path` URI, percent-decoded once (the inverse of
+    `Path.as_uri()`, so `%20` is a space and `%25` a '%'; bytes that are not UTF-8 come
+    back as the same file name)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+        raise InputError(f"file URI must be file:///absolute/path, got {uri!r}")
+    if parsed.query or parsed.fragment or parsed.params:
+        raise InputError(
+            f"file URI {uri!r} has a '?', '#' or ';' part: percent-encode those characters "
+            "(%3F, %23, %3B) or give a plain path"
+        )
+    return Path(os.fsdecode(unquote_to_bytes(parsed.path)))
+
+
 def open_store(uri: str) -> Store:
-    """`s3://bucket/prefix`, `file:///abs/path` or a plain local path."""
+    """`s3://bucket/prefix`, `file:///abs/path` (percent-encoded) or a plain local path
+    (taken as it is: never decoded). `open_store(store.uri)` is the same store."""
     if not uri:
         raise InputError("empty store URI")
     parsed = urlparse(uri)
@@ -380,9 +401,7 @@ def open_store(uri: str) -> Store:
             raise InputError(f"S3 URI must be s3://bucket/prefix, got {uri!r}")
         return S3Store(parsed.netloc, parsed.path)
     if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise InputError(f"file URI must be file:///absolute/path, got {uri!r}")
-        return FileStore(parsed.path)
+        return FileStore(file_uri_path(uri))
     if parsed.scheme == "":
         return FileStore(uri)
     raise InputError(

@@ -158,19 +158,19 @@ BAD_OVERRIDES = [
     ("prepare.val_fraction=0", "prepare.val_fraction", "must be in (0, 1)"),
     ("prepare.image_size=16", "prepare.image_size", "must be in [32, 1024]"),
     ("prepare.jpeg_quality=101", "prepare.jpeg_quality", "must be in [50, 100]"),
-    ("prepare.workers=-1", "prepare.workers", "must be >= 0"),
+    ("prepare.workers=-1", "prepare.workers", "must be in [0, 1024]"),
     ("augment.exclude=nv,xyz", "augment.exclude", "unknown class 'xyz'"),
     ("augment.rotation_deg=181", "augment.rotation_deg", "must be in [0, 180]"),
     ("augment.shift=0.5", "augment.shift", "must be in [0, 0.5)"),
     ("train.dropout=1", "train.dropout", "must be in [0, 1)"),
     ("train.top_learning_rate=0", "train.top_learning_rate", "must be > 0"),
-    ("train.top_epochs=0", "train.top_epochs", "must be >= 1"),
+    ("train.top_epochs=0", "train.top_epochs", "must be in [1, 10000]"),
     ("train.weights=imagenet21k", "train.weights", "must be 'imagenet', 'none'"),
     ("train.weights=s3://b/w.h5", "train.weights", "must end in .weights.h5"),
     ("evaluate.ece_bins=1", "evaluate.ece_bins", "must be in [2, 100]"),
     ("promote.min_improvement=-0.1", "promote.min_improvement", "must be >= 0"),
     ("retries=11", "retries", "must be in [0, 10]"),
-    ("synthetic_images=10", "synthetic_images", "must be >= 70"),
+    ("synthetic_images=10", "synthetic_images", "must be in [70, "),
 ]
 
 
@@ -212,17 +212,71 @@ def test_good_values_at_the_edges_pass() -> None:
     assert cfg.train.top_learning_rate == 0.001
 
 
+def _int_fields() -> list[str]:
+    """Every int field of the pipeline config, dotted (`train.seed`, `retries`)."""
+    names = []
+    for f in dataclasses.fields(PipelineConfig):
+        if f.name in SECTIONS:
+            cls = SECTIONS[f.name]
+            hints = __import__("typing").get_type_hints(cls)
+            names += [f"{f.name}.{g.name}" for g in dataclasses.fields(cls) if hints[g.name] is int]
+        elif isinstance(getattr(PipelineConfig(), f.name), int):
+            names.append(f.name)
+    return names
+
+
+def test_every_int_field_is_found() -> None:
+    assert {"prepare.seed", "augment.seed", "train.seed", "retries"} <= set(_int_fields())
+
+
+@pytest.mark.parametrize("name", _int_fields())
+@pytest.mark.parametrize("value", [-1, 10**12])
+def test_every_int_field_has_a_range(name: str, value: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline("tiny", overrides=[f"{name}={value}"])
+    assert info.value.field == name and "must be in [" in str(info.value)
+    assert str(value) in str(info.value)  # says what it got
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-.inf"])
+def test_floats_must_be_finite(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"train\.top_learning_rate.*finite"):
+        load_pipeline(overrides=[f"train.top_learning_rate={value}"])
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("[1, 2]", "top level must be a mapping"), ("a: [", "invalid YAML")],
+    [
+        (b"[1, 2]", "top level must be a mapping"),
+        (b"a: [", "invalid YAML: expected the node content, but found '<stream end>' at line 1"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not UTF-8 text"),
+        (b"a: 1\x00\x00", "NUL bytes"),
+    ],
 )
-def test_bad_files(tmp_path: Path, content: str, message: str) -> None:
+def test_bad_files(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(content)
-    with pytest.raises(ConfigError, match=message):
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
         load_pipeline("default", path)
-    with pytest.raises(ConfigError, match="file not found"):
-        load_pipeline("default", tmp_path / "missing.yaml")
+    assert str(info.value).startswith(f"--config {path}: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(lambda p: p, "is a directory, not a file"), (lambda p: p / "missing.yaml", "no such file")],
+)
+def test_config_path_that_is_no_file(tmp_path: Path, make: Any, message: str) -> None:
+    path = make(tmp_path)
+    with pytest.raises(InputError, match=f"^--config {path}: {message}$"):
+        load_pipeline("default", path)
+
+
+def test_override_with_bad_yaml_names_the_flag() -> None:
+    with pytest.raises(InputError) as info:
+        load_pipeline(overrides=["train.batch_size=[1"])
+    assert str(info.value).startswith("--set train.batch_size=[1: invalid YAML")
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

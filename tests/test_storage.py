@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -246,6 +248,36 @@ def test_open_store_file_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert open_store(s.uri).root == s.root  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("name", ["dir with space", "caf\u00e9", "100%", "a%20b", "x#y?z;w"])
+def test_file_store_uri_round_trips_through_open_store(tmp_path: Path, name: str) -> None:
+    root = tmp_path / name / "store"
+    store = FileStore(root)
+    assert store.root == root
+    assert " " not in store.uri and store.uri.isascii()  # encoded once, printable
+    again = open_store(store.uri)
+    assert isinstance(again, FileStore) and again.root == root and again.uri == store.uri
+    store.put_bytes("runs/x/a.json", b"{}")
+    child = open_store(store.child("runs", "x").uri)
+    assert isinstance(child, FileStore) and child.root == root / "runs" / "x"
+    assert child.get_bytes("a.json") == b"{}"
+    assert (root / "runs" / "x" / "a.json").is_file()  # no directory named "%20" etc.
+    assert open_store(str(root)).uri == store.uri  # a plain path is never decoded
+
+
+def test_file_uri_written_by_hand_is_decoded_once(tmp_path: Path) -> None:
+    root = tmp_path / "dir with space \u00e9"
+    assert open_store(f"file://{root}").root == root  # type: ignore[attr-defined]
+    encoded = f"file://{tmp_path}/dir%20with%20space%20%C3%A9"
+    assert open_store(encoded).root == root  # type: ignore[attr-defined]
+    assert open_store(f"file://{tmp_path}/with%2520space").root == tmp_path / "with%20space"  # type: ignore[attr-defined]
+
+
+def test_file_store_on_an_existing_file_is_input_error(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a directory"):
+        open_store(str(tmp_path / "f"))
+
+
 def test_open_store_s3_uris() -> None:
     s = open_store("s3://my-bucket/some/prefix/")
     assert isinstance(s, S3Store)
@@ -262,6 +294,8 @@ def test_open_store_s3_uris() -> None:
         ("ftp://host/x", "unsupported store URI scheme 'ftp'"),
         ("http://host/x", "unsupported store URI scheme 'http'"),
         ("file://otherhost/x", "file:///absolute/path"),
+        ("file:///tmp/a#b", "percent-encode"),
+        ("file:///tmp/a?b", "percent-encode"),
         ("s3://", "needs a bucket"),
         ("s3:///prefix", "needs a bucket"),
         ("s3://Bad_Bucket/x", "invalid S3 bucket name"),
@@ -505,3 +539,18 @@ def test_s3_permanently_corrupt_body_is_never_returned(
         via_proxy.get_file("obj.bin", dest)
     assert os.listdir(dest.parent) == []  # no file, no temp file
     assert _outcomes(proxy, "GET").count("corrupt") == 2 * storage.ATTEMPTS
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_under_a_path_with_space_and_accent(tmp_path: Path) -> None:
+    """Every stage reopens the URIs the previous ones recorded: none may be re-encoded."""
+    root = tmp_path / "dir with space \u00e9" / "store"
+    cmd = [sys.executable, "-m", "skinlesion", "run", "--preset", "tiny"]
+    cmd += ["--store", str(root), "--run-id", "x"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("prepare", "augment", "train", "finetune", "evaluate", "promote"):
+        assert (root / "runs" / "x" / stage / "manifest.json").is_file(), stage
+    assert (root / "models" / "latest" / "manifest.json").is_file()
+    assert not list(tmp_path.rglob("*%2*"))  # nothing written under an encoded name
+    assert f"{FileStore(root).uri}/runs/x/evaluate/report.html" in done.stdout
