@@ -1,40 +1,90 @@
-"""The `make run` setup learns from the images, not from a leak.
+"""The `make run` setup end to end: it commits every stage, reruns as a no-op, and learns
+from the images, not from a leak.
 
-The same pipeline (the `cpu` preset, synthetic data) is trained twice: on the real
-labels it must reach balanced accuracy >= 0.70; with the labels shuffled across
-lesions (same class counts, same images) it must stay near chance (< 0.30).
-Minutes each on 2 cores (marker `learning`).
+One run of the `cpu` preset (what `make run` runs) on synthetic data it writes itself,
+through the real SeaweedFS S3 server, is shared by the tests of this module: every stage
+committed, the contracts kept, a rerun only reports, and balanced accuracy >= 0.70. A
+control trains the same setup with the labels shuffled across lesions (same class counts,
+same images) and must stay near chance (< 0.30). Minutes on 2 cores (marker `learning`).
 """
 
 from __future__ import annotations
 
 import io
+import subprocess
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from skinlesion import config
+from skinlesion.classes import CLASSES
+from skinlesion.manifest import read_manifest
 from skinlesion.storage import get_json, open_store
-from skinlesion.synthetic import write_sample_data
+from tests import s3server
 from tests.runs import skinlesion_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.learning]
 
+RUN_ID = "learn"
+STAGES = ("prepare", "augment", "train", "finetune", "evaluate", "promote")
+METRIC_KEYS = {
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "roc_auc_macro",
+    "melanoma",
+    "ece",
+    "n_images",
+}
+
 
 @pytest.fixture(scope="module")
-def raw_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"file://{tmp_path_factory.mktemp('raw')}"
-    write_sample_data(open_store(uri), images=config.load_pipeline("cpu").synthetic_images, seed=0)
-    return uri
-
-
-def _balanced_accuracy(store_uri: str, raw_uri: str, *extra: str) -> float:
-    done = skinlesion_run(store_uri, "--raw", raw_uri, *extra, preset="cpu", run_id="learn")
+def make_run(s3_server: s3server.S3Server) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """`skinlesion run --preset cpu` on an empty S3 prefix: (store URI, finished process)."""
+    store = f"s3://{s3_server.bucket}/learn-{uuid.uuid4().hex[:12]}"
+    done = skinlesion_run(store, preset="cpu", run_id=RUN_ID)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = get_json(open_store(store_uri), "runs/learn/evaluate/metrics.json")
+    return store, done
+
+
+def _balanced_accuracy(store_uri: str) -> float:
+    metrics = get_json(open_store(store_uri), f"runs/{RUN_ID}/evaluate/metrics.json")
     return float(metrics["balanced_accuracy"])
+
+
+def test_make_run_commits_every_stage_and_keeps_the_contracts(
+    make_run: tuple[str, subprocess.CompletedProcess[str]],
+) -> None:
+    store_uri, first = make_run
+    assert "SYNTHETIC" in first.stderr  # says it made up the data
+    assert "balanced accuracy" in first.stdout
+    assert f"{store_uri}/runs/{RUN_ID}/evaluate/report.html" in first.stdout
+    store = open_store(store_uri)
+    for stage in STAGES:
+        assert read_manifest(store.child("runs", RUN_ID, stage)) is not None, stage
+    metrics = get_json(store, f"runs/{RUN_ID}/evaluate/metrics.json")
+    assert set(metrics) == METRIC_KEYS
+    assert set(metrics["per_class"]) == set(CLASSES)
+    assert store.exists(f"runs/{RUN_ID}/evaluate/report.html")
+    assert read_manifest(store.child("models", "latest")) is not None  # first model promoted
+
+
+def test_make_run_learns_the_synthetic_classes(
+    make_run: tuple[str, subprocess.CompletedProcess[str]],
+) -> None:
+    assert _balanced_accuracy(make_run[0]) >= 0.70
+
+
+def test_rerun_only_reports(make_run: tuple[str, subprocess.CompletedProcess[str]]) -> None:
+    again = skinlesion_run(make_run[0], preset="cpu", run_id=RUN_ID)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("stage_skipped") == len(STAGES)
+    assert "stage_start" not in again.stderr
+    assert again.stdout.split(f"run {RUN_ID}:")[1].count("skipped") == len(STAGES)
 
 
 def _shuffle_labels(raw_uri: str, dest: Path) -> str:
@@ -56,13 +106,15 @@ def _shuffle_labels(raw_uri: str, dest: Path) -> str:
     return out.uri
 
 
-def test_cpu_preset_learns_the_synthetic_classes(raw_uri: str, tmp_path: Path) -> None:
-    assert _balanced_accuracy(f"file://{tmp_path}/store", raw_uri) >= 0.70
-
-
-def test_cpu_preset_on_shuffled_labels_stays_near_chance(raw_uri: str, tmp_path: Path) -> None:
-    """The control trains a third as long (4 top epochs, no fine-tune): a label leak through
-    the images or the split would still lift it far above chance."""
-    shuffled = _shuffle_labels(raw_uri, tmp_path / "shuffled")
+def test_shuffled_labels_stay_near_chance(
+    make_run: tuple[str, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    """The same images with lesion labels permuted. The control trains a third as long
+    (4 top epochs, no fine-tune): a label leak through the images or the split would
+    still lift it far above chance."""
+    shuffled = _shuffle_labels(f"{make_run[0]}/raw/HAM10000", tmp_path / "shuffled")
+    store = f"file://{tmp_path}/store"
     short = ("--set", "train.top_epochs=4", "--set", "train.finetune_epochs=0")
-    assert _balanced_accuracy(f"file://{tmp_path}/store", shuffled, *short) < 0.30
+    done = skinlesion_run(store, "--raw", shuffled, *short, preset="cpu", run_id=RUN_ID)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _balanced_accuracy(store) < 0.30

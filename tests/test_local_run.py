@@ -1,4 +1,7 @@
-"""`skinlesion run`: the whole pipeline through the local executor, as `make run` runs it."""
+"""`skinlesion run`: the whole pipeline through the local executor, as `make run` runs it.
+
+The run through S3 with the `make run` preset, its contracts and its no-op rerun are in
+tests/test_learning.py (one shared run); here, a killed run and its resume."""
 
 from __future__ import annotations
 
@@ -11,51 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from skinlesion.classes import CLASSES
 from skinlesion.manifest import read_manifest
 from skinlesion.storage import get_json, open_store
-from tests.runs import RUN_TIMEOUT_S, run_command, run_env, skinlesion_run
+from tests.runs import RUN_TIMEOUT_S, run_command, run_env
 
 pytestmark = pytest.mark.slow
-
-METRIC_KEYS = {
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "per_class",
-    "confusion_matrix",
-    "roc_auc_macro",
-    "melanoma",
-    "ece",
-    "n_images",
-}
-
-
-def _run(store: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return skinlesion_run(store, *extra)
-
-
-def test_run_through_s3_commits_every_stage_then_rerun_only_reports(s3_uri: str) -> None:
-    first = _run(s3_uri)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "SYNTHETIC" in first.stderr  # says it made up the data
-    assert "balanced accuracy" in first.stdout
-    assert f"{s3_uri}/runs/e2e/evaluate/report.html" in first.stdout
-
-    store = open_store(s3_uri)
-    for stage in ("prepare", "augment", "train", "finetune", "evaluate", "promote"):
-        assert read_manifest(store.child("runs", "e2e", stage)) is not None, stage
-    metrics = get_json(store, "runs/e2e/evaluate/metrics.json")
-    assert set(metrics) == METRIC_KEYS
-    assert set(metrics["per_class"]) == set(CLASSES)
-    assert store.exists("runs/e2e/evaluate/report.html")
-    assert read_manifest(store.child("models", "latest")) is not None  # first model promoted
-
-    again = _run(s3_uri)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("stage_skipped") == 6
-    assert "stage_start" not in again.stderr
-    assert again.stdout.split("run e2e:")[1].count("skipped") == 6
 
 
 def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> None:
