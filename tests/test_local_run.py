@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 
 from skinlesion.manifest import read_manifest
-from skinlesion.storage import get_json, open_store
+from skinlesion.storage import FileStore, get_json, open_store
 from tests.runs import RUN_TIMEOUT_S, run_command, run_env
 
 pytestmark = pytest.mark.slow
 
 
 def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> None:
-    store_uri = f"file://{tmp_path}/store"
+    """Under a directory whose name has a space and a non-ASCII letter: every stage reopens
+    the URIs the previous ones recorded, and none may be re-encoded."""
+    root = tmp_path / "dir with space \u00e9" / "store"
+    store_uri = FileStore(root).uri
     env = run_env()
     cmd = run_command(
         store_uri,
@@ -34,7 +37,7 @@ def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> Non
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    state = tmp_path / "store/runs/e2e/train/state"
+    state = root / "runs/e2e/train/state"
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
         while not (state.is_dir() and any(state.iterdir())):
@@ -56,3 +59,8 @@ def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> Non
     assert any(x.get("event") == "resuming" for x in lines)
     history = get_json(store, "runs/e2e/train/history.json")
     assert history
+    for stage in ("prepare", "augment", "train", "finetune", "evaluate", "promote"):
+        assert (root / "runs" / "e2e" / stage / "manifest.json").is_file(), stage
+    assert (root / "models" / "latest" / "manifest.json").is_file()
+    assert not list(tmp_path.rglob("*%2*"))  # nothing written under an encoded name
+    assert f"{store_uri}/runs/e2e/evaluate/report.html" in resumed.stdout
