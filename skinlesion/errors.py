@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-# Exit codes: the chart's podFailurePolicy fails a Job fast on EXIT_BAD_INPUT,
-# and the pipeline never retries it; any other non-zero code is retried.
+# Exit codes: the chart's podFailurePolicy fails a Job fast on EXIT_BAD_INPUT; the
+# pipeline never retries a stage that exits EXIT_BAD_INPUT or EXIT_DAMAGED_RUN (the
+# same stage again cannot help); any other non-zero code is retried.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_RUN_LOCKED = 3  # another live process writes this run: try again when it has ended
+EXIT_DAMAGED_RUN = 4  # the run's stored outputs contradict each other: a rerun repairs them
 EXIT_INTERRUPTED = 143  # SIGTERM (128 + 15): pod eviction; state is saved, rerun resumes
 EXIT_CTRL_C = 130  # SIGINT (128 + 2), the shell's convention for Ctrl-C
 
@@ -35,6 +38,20 @@ class DataError(InputError):
 
 class StoreError(SkinlesionError):
     """The object store failed after retries (transient: worth retrying the stage)."""
+
+
+class DamagedRun(SkinlesionError):
+    """A run's committed outputs are inconsistent with each other (e.g. an evaluation of
+    a model file that was overwritten since). Not bad input: rerunning the run recomputes
+    the stale stages, whose fingerprints include their inputs' file hashes."""
+
+    exit_code = EXIT_DAMAGED_RUN
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            f"damaged run: its stored outputs are inconsistent ({problem}); "
+            "rerun the same run id to repair it"
+        )
 
 
 class StageFailed(SkinlesionError):

@@ -23,11 +23,11 @@ import numpy as np
 
 from skinlesion import config, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
-from skinlesion.errors import InputError
+from skinlesion.errors import DamagedRun, InputError
 from skinlesion.keys import safe_segment
 from skinlesion.manifest import commit_stage, read_manifest, require_manifest
 from skinlesion.metrics import compute_metrics, headline
-from skinlesion.pipeline import input_fingerprints, stage_settings
+from skinlesion.pipeline import input_fingerprints, stage_input_fingerprint, stage_settings
 from skinlesion.plots import evaluation as plots
 from skinlesion.storage import Store, open_store, sha256_file
 
@@ -189,7 +189,7 @@ def upstream_figures(
     inputs = model_manifest.get("inputs", {}) or {}
     training: list[tuple[str, Path]] = []
     top = _committed(sibling(model, "train"))
-    if top is not None and inputs.get("init_model") == top.get("fingerprint"):
+    if top is not None and inputs.get("init_model") == stage_input_fingerprint(top):
         top_store = sibling(model, "train")
         assert top_store is not None
         if png := _fetch_png(top_store, "training_curves.png", dest):
@@ -203,7 +203,7 @@ def upstream_figures(
         data.append(("Class distribution per split (prepare)", png))
     augment_store = sibling(model, "augment")
     augment = _committed(augment_store)
-    if augment is not None and inputs.get("train_data") == augment.get("fingerprint"):
+    if augment is not None and inputs.get("train_data") == stage_input_fingerprint(augment):
         assert augment_store is not None
         for key, caption in (
             ("class_balance.png", "Training classes before and after augmentation"),
@@ -236,6 +236,9 @@ def run_evaluate(
         with scratch_dir("skinlesion-evaluate-in-") as tmp:
             model.get_file(MODEL_FILE, tmp / MODEL_FILE)
             model_sha = sha256_file(tmp / MODEL_FILE)
+            recorded = ((model_manifest.get("files") or {}).get(MODEL_FILE) or {}).get("sha256")
+            if recorded and recorded != model_sha:  # rewritten since its manifest was read
+                raise DamagedRun(f"{model.uri}/{MODEL_FILE} is not the file its manifest records")
             net = load_model(tmp / MODEL_FILE)
             size = model_image_size(net)
             if prep["image_size"] is not None and size != prep["image_size"]:

@@ -1,14 +1,16 @@
 """The one stage list, and the loop that runs it on any executor.
 
-Ordering, input fingerprints, skip-if-done, retries and preemption handling
-live here; the local executor (processes on this machine) and the Kubernetes
-controller (one Job per stage) only know how to run one stage command and
-report how it ended.
+Ordering, input fingerprints, skip-if-done, retries, preemption handling and
+the run lock (one writer per run) live here; the local executor (processes on
+this machine) and the Kubernetes controller (one Job per stage) only know how to
+run one stage command and report how it ended.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from skinlesion import config, logs
-from skinlesion.errors import EXIT_BAD_INPUT, StageFailed
+from skinlesion import config, logs, runlock
+from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
 from skinlesion.keys import safe_run_id
 from skinlesion.manifest import fingerprint, is_done, require_manifest
 from skinlesion.storage import open_store
@@ -108,8 +110,29 @@ def stage_settings(stage: str, section: Any) -> dict[str, Any]:
     return values
 
 
+def stage_input_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """What a downstream stage records for an upstream stage prefix it reads.
+
+    The upstream fingerprint says which work produced the prefix; the sha256 of each
+    committed file says which bytes it holds. Two writes of the same work (two runs
+    at once, a retrained model) differ in bytes, so a changed file under an unchanged
+    fingerprint never counts as the same input.
+    """
+    files = manifest.get("files") or {}
+    payload = json.dumps(
+        {
+            "fingerprint": manifest["fingerprint"],
+            "files": {key: (files[key] or {}).get("sha256") for key in sorted(files)},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def input_fingerprints(inputs: Mapping[str, str]) -> dict[str, str]:
-    """Fingerprint of each input: a HAM10000 tree's content listing, or a stage manifest."""
+    """Fingerprint of each input: a HAM10000 tree's content listing, or a stage manifest
+    (`stage_input_fingerprint`)."""
     from skinlesion.ham10000 import raw_fingerprint
 
     out = {}
@@ -118,7 +141,7 @@ def input_fingerprints(inputs: Mapping[str, str]) -> dict[str, str]:
         out[name] = (
             raw_fingerprint(store)
             if name == "raw"
-            else require_manifest(store, name)["fingerprint"]
+            else stage_input_fingerprint(require_manifest(store, name))
         )
     return out
 
@@ -289,11 +312,29 @@ def run_pipeline(
     executor: Executor,
     raw_uri: str | None = None,
     retry_delay_s: float = 1.0,
+    lock_ttl_s: float = runlock.DEFAULT_TTL_S,
 ) -> RunReport:
-    """Run every stage not already done, in order; raise StageFailed naming the stage."""
+    """Run every stage not already done, in order; raise StageFailed naming the stage.
+
+    The run's lock (runlock.py) is held throughout: a second run of the same id on
+    the same store is refused (RunLocked) instead of writing the same prefixes.
+    """
+    with runlock.hold(open_store(layout.run_uri), layout.run_id, lock_ttl_s) as lock:
+        return _run_stages(cfg, layout, executor, raw_uri, retry_delay_s, lock)
+
+
+def _run_stages(
+    cfg: config.PipelineConfig,
+    layout: RunLayout,
+    executor: Executor,
+    raw_uri: str | None,
+    retry_delay_s: float,
+    lock: runlock.RunLock,
+) -> RunReport:
     log = logs.get()
     report = RunReport(layout.run_id)
     for call in plan(cfg, layout, raw_uri):
+        lock.check()
         name = call.stage.name
         out = open_store(call.out_uri)
         expected = expected_fingerprint(call)
@@ -307,6 +348,7 @@ def run_pipeline(
             attempt += 1
             log.info("stage_start", step=name, attempt=attempt, pool=call.stage.pool)
             outcome = executor.run(call, layout.run_id, attempt)
+            lock.check()
             if outcome.status == "succeeded":
                 if not is_done(out, expected):
                     raise StageFailed(name, "exited 0 but committed no manifest for these inputs")
@@ -320,6 +362,13 @@ def run_pipeline(
                 continue
             if outcome.exit_code == EXIT_BAD_INPUT:
                 raise StageFailed(name, f"bad input (not retried); log: {saved}", EXIT_BAD_INPUT)
+            if outcome.exit_code == EXIT_DAMAGED_RUN:
+                raise StageFailed(
+                    name,
+                    "the run's stored outputs are inconsistent (not retried: rerun the same "
+                    f"run id to recompute the stale stages); log: {saved}",
+                    EXIT_DAMAGED_RUN,
+                )
             failures += 1
             log.warning(
                 "stage_failed",

@@ -30,6 +30,7 @@ from skinlesion.evaluate import (
 )
 from skinlesion.imaging import Resize, resize_jpeg
 from skinlesion.manifest import read_manifest
+from skinlesion.pipeline import stage_input_fingerprint
 from skinlesion.storage import Store, open_store
 
 BATCH = 32
@@ -64,7 +65,7 @@ def lineage_preprocessing(store: Store) -> dict[str, Any] | None:
     prepare = sibling(store, "prepare")
     prep_manifest = read_manifest(prepare) if prepare is not None else None
     wanted = (manifest.get("inputs", {}) or {}).get("val_data")
-    if prep_manifest is not None and wanted and prep_manifest.get("fingerprint") == wanted:
+    if prep_manifest is not None and wanted and stage_input_fingerprint(prep_manifest) == wanted:
         return preprocessing_of(prep_manifest)
     return None
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from skinlesion import config, logs
 from skinlesion.classes import MELANOMA
-from skinlesion.errors import InputError
+from skinlesion.errors import DamagedRun, InputError
 from skinlesion.evaluate import (
     METRICS_FILE,
     MODEL_FILE,
@@ -135,12 +135,15 @@ def run_promote(
     if not model_sha:
         raise InputError(f"{model.uri}/{MANIFEST} does not record {MODEL_FILE}")
     evaluated = evaluation.get("model_sha256")
-    if (evaluation.get("inputs", {}) or {}).get("model") != model_manifest["fingerprint"] or (
+    if (evaluation.get("inputs", {}) or {}).get("model") != inputs["model"] or (
         evaluated is not None and evaluated != model_sha
     ):
-        raise InputError(
-            f"candidate {candidate.uri} is an evaluation of another model than {model.uri}"
-        )
+        problem = f"candidate {candidate.uri} is an evaluation of another model than {model.uri}"
+        if model.uri in {sibling_uri(candidate.uri, s) for s in ("train", "finetune")}:
+            # One run's own prefixes: its model was rewritten after it was evaluated (e.g.
+            # by a concurrent writer). Not the user's input; a rerun re-evaluates it.
+            raise DamagedRun(problem)
+        raise InputError(problem)
 
     def body(work: Path) -> dict[str, Any]:
         metrics = get_json(candidate, METRICS_FILE)

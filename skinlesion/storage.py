@@ -67,6 +67,8 @@ class Store(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool: ...
+    def swap_bytes(self, key: str, expected: bytes, data: bytes | None) -> bool: ...
 
 
 def get_json(store: Store, key: str) -> Any:
@@ -173,6 +175,54 @@ class FileStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    # Conditional writes (run locks): atomic against other processes on this filesystem.
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` holding `data` unless it exists; True when this call created it."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)  # atomic, and fails when the name exists: whole file or none
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def swap_bytes(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        """Replace `key` with `data` (delete it when None) only if it holds `expected`.
+
+        Serialised by an flock on the key's directory (released by the kernel if the
+        process dies); creation through `put_bytes_if_absent` cannot clash with it.
+        """
+        import fcntl
+
+        path = self._path(key)
+        try:
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            if current != expected:
+                return False
+            if data is None:
+                path.unlink()
+            else:
+                self.put_bytes(key, data)
+            return True
+        finally:
+            os.close(dir_fd)  # also drops the flock
 
 
 # --- S3 -------------------------------------------------------------------------------
@@ -373,6 +423,64 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self._client.delete_object, Key=self._key(key))
+
+    # Conditional writes (run locks): S3 conditional requests decide races on the server.
+
+    def _conditional(self, what: str, key: str, fn: Any, **kwargs: Any) -> bool:
+        """Call `fn`; False when the server refused its precondition (412, or 409 for a
+        concurrent conditional write), True when it succeeded."""
+        from botocore.exceptions import ClientError
+
+        def call(**kw: Any) -> bool:
+            try:
+                fn(**kw)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+            return True
+
+        return bool(self._call(what, key, call, **kwargs))
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` holding `data` unless it exists (`If-None-Match: *`)."""
+        return self._conditional(
+            "put",
+            key,
+            self._client.put_object,
+            Key=self._key(key),
+            Body=data,
+            Metadata={"sha256": sha256_bytes(data)},
+            IfNoneMatch="*",
+        )
+
+    def swap_bytes(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        """Replace `key` with `data` (delete it when None) only if it holds `expected`:
+        the body is compared here, then the write carries `If-Match` with its ETag."""
+        try:
+            resp = self._call("get", key, self._client.get_object, Key=self._key(key))
+        except InputError as exc:
+            if str(exc).startswith("not found"):
+                return False
+            raise
+        current = self._call("read", key, lambda **_: resp["Body"].read())
+        if current != expected:
+            return False
+        etag = resp["ETag"]
+        if data is None:
+            return self._conditional(
+                "delete", key, self._client.delete_object, Key=self._key(key), IfMatch=etag
+            )
+        return self._conditional(
+            "put",
+            key,
+            self._client.put_object,
+            Key=self._key(key),
+            Body=data,
+            Metadata={"sha256": sha256_bytes(data)},
+            IfMatch=etag,
+        )
 
 
 def file_uri_path(uri: str) -> Path:
