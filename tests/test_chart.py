@@ -21,6 +21,7 @@ import yaml
 
 from skinlesion import config
 from skinlesion.classes import CLASSES
+from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, EXIT_RUN_LOCKED
 from skinlesion.pipeline import STAGE_BY_NAME, STAGES
 from tests import chart_render as cr
 from tests import lockfile
@@ -262,7 +263,12 @@ POD_FAILURE_RULES = [
     },
     {
         "action": "FailJob",
-        "onExitCodes": {"containerName": "<container>", "operator": "In", "values": [2]},
+        # The exit codes that retrying the same pod cannot help (errors.py).
+        "onExitCodes": {
+            "containerName": "<container>",
+            "operator": "In",
+            "values": [EXIT_BAD_INPUT, EXIT_RUN_LOCKED, EXIT_DAMAGED_RUN],
+        },
     },
 ]
 

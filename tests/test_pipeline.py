@@ -20,7 +20,7 @@ from skinlesion.pipeline import (
     run_pipeline,
     stage_settings,
 )
-from skinlesion.storage import open_store
+from skinlesion.storage import open_store, put_json
 from skinlesion.synthetic import write_sample_data
 
 SECTION = {
@@ -82,6 +82,12 @@ class ScriptedExecutor:
     def __init__(self, script: dict[str, list[str]] | None = None) -> None:
         self.script = script or {}
         self.calls: list[tuple[str, int]] = []
+        self.outputs = 0  # each commit writes new bytes: out.bin
+
+    def _body(self, work: Path) -> dict[str, Any]:
+        self.outputs += 1
+        (work / "out.bin").write_bytes(f"output {self.outputs}".encode())
+        return {}
 
     def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
         self.calls.append((call.stage.name, attempt))
@@ -90,7 +96,7 @@ class ScriptedExecutor:
         if action == "ok":
             out = open_store(call.out_uri)
             inputs = input_fingerprints(call.inputs)
-            commit_stage(call.stage.name, out, call.settings, inputs, lambda work: {})
+            commit_stage(call.stage.name, out, call.settings, inputs, self._body)
             return Outcome("succeeded", 0)
         if action == "no-commit":
             return Outcome("succeeded", 0)
@@ -130,6 +136,22 @@ def test_changed_setting_reruns_that_stage_and_downstream_only(tmp_path: Path, r
     ex = ScriptedExecutor()
     _run(tmp_path, raw, ex, **{"evaluate.batch_size": 7})
     assert [name for name, _ in ex.calls] == ["evaluate", "promote"]
+
+
+def test_changed_upstream_bytes_under_the_same_fingerprint_rerun_downstream(
+    tmp_path: Path, raw: str
+) -> None:
+    """A second writer of the same work (same fingerprint, other bytes) is not a cache hit:
+    downstream fingerprints include the upstream files' sha256s."""
+    _run(tmp_path, raw, ScriptedExecutor())
+    train = open_store(_layout(tmp_path).stage_uri("train"))
+    manifest = read_manifest(train)
+    assert manifest is not None
+    manifest["files"]["out.bin"] = {"sha256": train.put_bytes("out.bin", b"other"), "size": 5}
+    put_json(train, "manifest.json", manifest)
+    ex = ScriptedExecutor()
+    _run(tmp_path, raw, ex)
+    assert [name for name, _ in ex.calls] == ["finetune", "evaluate", "promote"]
 
 
 def test_failures_are_retried_then_the_stage_is_named(tmp_path: Path, raw: str) -> None:

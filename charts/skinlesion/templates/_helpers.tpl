@@ -232,7 +232,9 @@ affinity:
 
 {{/*
 Job podFailurePolicy: a pod lost to node preemption or eviction (DisruptionTarget)
-is not counted; exit code 2 (bad input, errors.py) fails the Job at once.
+is not counted; exit codes that a retry of the same pod cannot help fail the Job at
+once (errors.py): 2 bad input, 3 another writer holds the run, 4 damaged run (the
+pipeline reruns the stale stages on the next run instead).
 Call with the container name.
 */}}
 {{- define "skinlesion.podFailurePolicy" -}}
@@ -245,7 +247,7 @@ rules:
     onExitCodes:
       containerName: {{ . }}
       operator: In
-      values: [2]
+      values: [2, 3, 4]
 {{- end }}
 
 {{/* The jobs/ entrypoint of each stage (finetune is the train entrypoint, phase finetune). */}}
