@@ -386,4 +386,6 @@ def run_augment(
             "synthetic": bool(prep.get("synthetic", False)),
         }
 
-    return commit_stage(STAGE, out, settings, inputs, body, force)
+    return commit_stage(
+        STAGE, out, settings, inputs, body, force, input_uris={"prepared": prepared.uri}
+    )

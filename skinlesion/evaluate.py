@@ -11,10 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from skinlesion import config, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.keys import safe_segment
-from skinlesion.manifest import commit_stage, read_manifest, require_manifest
+from skinlesion.manifest import commit_stage, read_manifest, require_manifest, scratch_dir
 from skinlesion.metrics import compute_metrics, headline
 from skinlesion.pipeline import input_fingerprints, stage_input_fingerprint, stage_settings
 from skinlesion.plots import evaluation as plots
@@ -35,14 +32,6 @@ MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 REPORT_FILE = "report.html"
-
-
-@contextmanager
-def scratch_dir(prefix: str) -> Iterator[Path]:
-    """A temporary directory for downloads, outside the stage's output workdir."""
-    scratch = os.environ.get("SKINLESION_SCRATCH") or None
-    with tempfile.TemporaryDirectory(prefix=prefix, dir=scratch) as tmp:
-        yield Path(tmp)
 
 
 def sibling_uri(uri: str, name: str) -> str | None:
@@ -301,7 +290,15 @@ def run_evaluate(
             "model_sha256": model_sha,  # what promote checks it is promoting
         }
 
-    manifest = commit_stage("evaluate", out, settings, inputs, body, force)
+    manifest = commit_stage(
+        "evaluate",
+        out,
+        settings,
+        inputs,
+        body,
+        force,
+        input_uris={"model": model.uri, "val_data": val_data.uri},
+    )
     log.info(
         "evaluate_done",
         out=out.uri,

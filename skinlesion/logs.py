@@ -143,6 +143,11 @@ def bind(**values: Any) -> None:
     structlog.contextvars.bind_contextvars(**values)
 
 
+def context() -> dict[str, Any]:
+    """The values bound to every log line (run_id, stage, ...)."""
+    return dict(structlog.contextvars.get_contextvars())
+
+
 def get(name: str | None = None) -> Any:
     return structlog.get_logger(name)
 

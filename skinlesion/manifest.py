@@ -5,6 +5,17 @@ prefix without a manifest does not exist for readers. The manifest holds the
 stage's fingerprint (settings + input fingerprints), so a rerun with the same
 inputs and settings is skipped, and a changed one clears the stale prefix
 before writing.
+
+Ownership: a stage deletes only what it can prove it wrote. Before its first write
+to a prefix it puts an owner mark there (`owner.json`: stage, run id, host, pid,
+time); a non-empty prefix without the stage's own mark, or with another stage's, is
+refused (InputError, exit 2) and left untouched. A prefix that already holds a
+committed manifest of the same stage but no mark (written before marks existed) is
+adopted. An output prefix that equals, contains or lies inside one of the stage's
+input prefixes is refused as well. Inputs are validated before anything is written:
+the body runs first (into a local directory), the prefix is claimed and cleared
+after it succeeded; only a stage that keeps resume state in the store while it runs
+(training) claims its prefix before its body.
 """
 
 from __future__ import annotations
@@ -12,22 +23,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from skinlesion import __version__, logs
 from skinlesion.errors import InputError, StageFailed
 from skinlesion.storage import Store, get_json, put_json
 
 MANIFEST = "manifest.json"
+OWNER = "owner.json"  # the owner mark, written before a stage's first write to a prefix
 # Objects under this sub-prefix survive an uncommitted restart (training resume state).
 STATE_PREFIX = "state"
 _PROTOCOL_FIELDS = frozenset(
     {"stage", "fingerprint", "settings", "inputs", "files", "created_at", "skinlesion_version"}
 )
+_RESERVED = (MANIFEST, OWNER)  # keys a stage body may not write
 
 
 def fingerprint(stage: str, settings: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
@@ -64,12 +80,137 @@ def is_done(store: Store, expected: str) -> bool:
 
 
 def clear(store: Store, keep_state: bool) -> None:
-    """Remove the manifest first (uncommit), then every other object of the prefix."""
+    """Remove the manifest first (uncommit), then every other object of the prefix but
+    its owner mark. Only for a prefix this stage owns (`claim`)."""
     store.delete(MANIFEST)
     for obj in store.list():
-        if keep_state and obj.key.startswith(f"{STATE_PREFIX}/"):
+        if obj.key == OWNER or (keep_state and obj.key.startswith(f"{STATE_PREFIX}/")):
             continue
         store.delete(obj.key)
+
+
+# --- ownership ------------------------------------------------------------------------------
+
+
+def _location(uri: str) -> tuple[str, str, tuple[str, ...]]:
+    """(scheme, bucket, path segments) of a store URI, for prefix comparisons."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme or "file"
+    path = unquote(parsed.path) if parsed.scheme else uri
+    if scheme == "file":
+        path = os.path.realpath(path)
+    return scheme, parsed.netloc if scheme == "s3" else "", tuple(p for p in path.split("/") if p)
+
+
+def check_disjoint(stage: str, out_uri: str, inputs: Mapping[str, str]) -> None:
+    """Refuse an output prefix that equals, contains or lies inside an input prefix."""
+    out = _location(out_uri)
+    for name, uri in inputs.items():
+        other = _location(uri)
+        if out[:2] != other[:2]:
+            continue
+        shorter = min(len(out[2]), len(other[2]))
+        if out[2][:shorter] == other[2][:shorter]:
+            how = (
+                "is"
+                if out == other
+                else ("contains" if len(out[2]) < len(other[2]) else "lies inside")
+            )
+            raise InputError(
+                f"output prefix {out_uri} {how} the {name} input {uri}: "
+                f"the {stage} stage would overwrite its own input; choose another output"
+            )
+
+
+def read_owner(store: Store) -> dict[str, Any] | None:
+    if not store.exists(OWNER):
+        return None
+    mark = get_json(store, OWNER)
+    if not isinstance(mark, dict) or "stage" not in mark:
+        raise InputError(f"{store.uri}/{OWNER}: not an owner mark")
+    return mark
+
+
+def check_owned(stage: str, out: Store) -> bool:
+    """Whether `stage` may write `out`: True when the prefix is its own (marked, or an
+    unmarked committed output of the same stage), False when it is empty; InputError
+    naming the prefix when it holds anything else."""
+    mark = read_owner(out)
+    if mark is not None:
+        if mark["stage"] != stage:
+            raise InputError(
+                f"{out.uri} holds the output of stage '{mark['stage']}' (run "
+                f"{mark.get('run_id', '?')}); the {stage} stage will not write there: "
+                "choose another output prefix"
+            )
+        return True
+    if not out.list():
+        return False
+    manifest = _manifest_or_none(out)
+    if manifest is not None and manifest.get("stage") == stage:
+        return True  # committed before owner marks existed: adopted
+    raise InputError(
+        f"{out.uri} is not empty and was not written by the {stage} stage (no {OWNER}): "
+        "refusing to delete or overwrite it; choose an empty or new output prefix"
+    )
+
+
+def _manifest_or_none(store: Store) -> dict[str, Any] | None:
+    try:
+        return read_manifest(store)
+    except InputError:
+        return None  # not a stage manifest: foreign data
+
+
+def claim(stage: str, out: Store) -> None:
+    """Mark `out` as `stage`'s own (once checked with `check_owned`)."""
+    if read_owner(out) is None:
+        ctx = logs.context()
+        put_json(
+            out,
+            OWNER,
+            {
+                "stage": stage,
+                "run_id": ctx.get("run_id"),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+
+
+def _outputs(work: Path, what: str) -> list[Path]:
+    """The files a body wrote; StageFailed when one uses a reserved name."""
+    paths = sorted(p for p in work.rglob("*") if p.is_file())
+    for path in paths:
+        key = path.relative_to(work).as_posix()
+        if key in _RESERVED or key.startswith(f"{STATE_PREFIX}/"):
+            # manifest.json would be a premature commit mark; state/ is deleted at commit.
+            raise StageFailed(
+                what, f"output '{key}' uses a reserved name ({', '.join(_RESERVED)}, state/)"
+            )
+    return paths
+
+
+def publish(out: Store, work: Path, manifest: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Upload every file of `work` to the claimed, cleared `out`, then the manifest (plus
+    the file list) last: the commit mark."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in _outputs(work, what):
+        key = path.relative_to(work).as_posix()
+        files[key] = {"sha256": out.put_file(path, key), "size": path.stat().st_size}
+    committed = {**manifest, "files": files}
+    put_json(out, MANIFEST, committed)  # the commit mark, written last
+    return committed
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A local temporary directory (under $SKINLESION_SCRATCH when set)."""
+    with tempfile.TemporaryDirectory(
+        prefix=prefix, dir=os.environ.get("SKINLESION_SCRATCH") or None
+    ) as tmp:
+        yield Path(tmp)
 
 
 def commit_stage(
@@ -79,52 +220,57 @@ def commit_stage(
     inputs: Mapping[str, str],
     body: Callable[[Path], Mapping[str, Any]],
     force: bool = False,
+    input_uris: Mapping[str, str] | None = None,
+    claim_first: bool = False,
 ) -> dict[str, Any]:
     """Run `body(workdir)` unless already done, upload what it wrote, commit the manifest.
 
     `body` writes its output files into `workdir` and returns extra manifest fields
-    (counts, figures). Returns the committed manifest (the old one when skipped).
+    (counts, figures). `input_uris` (name -> prefix) are refused as outputs. With
+    `claim_first` (a body that keeps resume state under `out/state/`) the prefix is
+    claimed and cleared before the body, else after it. Returns the committed manifest
+    (the old one when skipped).
     """
     log = logs.get()
+    check_disjoint(stage, out.uri, input_uris or {})
     fp = fingerprint(stage, settings, inputs)
-    existing = read_manifest(out)
+    existing = _manifest_or_none(out)
     if existing is not None and existing.get("fingerprint") == fp and not force:
         log.info("stage_already_done", out=out.uri, fingerprint=fp[:12])
         _drop_state(out)  # left behind if a crash came between commit and clean-up
         return existing
-    # A committed prefix with other settings/inputs is stale: uncommit, then clear.
-    # An uncommitted prefix is a crashed attempt: keep its resume state.
-    clear(out, keep_state=existing is None and not force)
-    scratch = os.environ.get("SKINLESION_SCRATCH") or None
-    with tempfile.TemporaryDirectory(prefix=f"skinlesion-{stage}-", dir=scratch) as tmp:
-        work = Path(tmp)
+    check_owned(stage, out)  # read-only: refuses foreign data before anything is written
+
+    def take() -> None:
+        claim(stage, out)
+        # A committed prefix with other settings/inputs (or --force) is stale: uncommit,
+        # clear. An uncommitted own prefix is a crashed attempt: keep its resume state.
+        clear(out, keep_state=existing is None and not force)
+
+    if claim_first:
+        take()
+    with scratch_dir(f"skinlesion-{stage}-") as work:
         extra = dict(body(work))
         clash = sorted(set(extra) & _PROTOCOL_FIELDS)
         if clash:  # would silently replace the fingerprint, the file list, ...
             raise StageFailed(stage, f"manifest fields {clash} are reserved for the protocol")
-        files: dict[str, dict[str, Any]] = {}
-        paths = sorted(p for p in work.rglob("*") if p.is_file())
-        for path in paths:
-            key = path.relative_to(work).as_posix()
-            if key == MANIFEST or key.startswith(f"{STATE_PREFIX}/"):
-                # manifest.json would be a premature commit mark; state/ is deleted at commit.
-                raise StageFailed(
-                    stage, f"output '{key}' uses a reserved name ({MANIFEST}, {STATE_PREFIX}/)"
-                )
-        for path in paths:
-            key = path.relative_to(work).as_posix()
-            files[key] = {"sha256": out.put_file(path, key), "size": path.stat().st_size}
-    manifest = {
-        "stage": stage,
-        "fingerprint": fp,
-        "settings": dict(settings),
-        "inputs": dict(inputs),
-        "files": files,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "skinlesion_version": __version__,
-        **extra,
-    }
-    put_json(out, MANIFEST, manifest)  # the commit mark, written last
+        _outputs(work, stage)  # refuse reserved names before anything is written
+        if not claim_first:
+            take()
+        manifest = publish(
+            out,
+            work,
+            {
+                "stage": stage,
+                "fingerprint": fp,
+                "settings": dict(settings),
+                "inputs": dict(inputs),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "skinlesion_version": __version__,
+                **extra,
+            },
+            stage,
+        )
     _drop_state(out)
     return manifest
 

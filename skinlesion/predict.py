@@ -25,11 +25,10 @@ from skinlesion.evaluate import (
     load_model,
     model_image_size,
     preprocessing_of,
-    scratch_dir,
     sibling,
 )
 from skinlesion.imaging import Resize, resize_jpeg
-from skinlesion.manifest import read_manifest
+from skinlesion.manifest import read_manifest, scratch_dir
 from skinlesion.pipeline import stage_input_fingerprint
 from skinlesion.storage import Store, open_store
 

@@ -160,4 +160,4 @@ def run_prepare(
             "seconds": round(seconds, 1),
         }
 
-    return commit_stage("prepare", out, settings, inputs, body, force)
+    return commit_stage("prepare", out, settings, inputs, body, force, input_uris={"raw": raw.uri})

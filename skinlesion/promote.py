@@ -25,13 +25,23 @@ from skinlesion.evaluate import (
     METRICS_FILE,
     MODEL_FILE,
     REPORT_FILE,
-    scratch_dir,
     sibling_uri,
 )
-from skinlesion.manifest import MANIFEST, clear, commit_stage, read_manifest, require_manifest
+from skinlesion.manifest import (
+    MANIFEST,
+    check_disjoint,
+    check_owned,
+    claim,
+    clear,
+    commit_stage,
+    publish,
+    read_manifest,
+    require_manifest,
+    scratch_dir,
+)
 from skinlesion.metrics import headline
 from skinlesion.pipeline import input_fingerprints, stage_settings
-from skinlesion.storage import Store, get_json, open_store, put_json
+from skinlesion.storage import Store, get_json, open_store
 
 DECISION_FILE = "decision.json"
 CHAMPION_STAGE = "champion"
@@ -90,10 +100,12 @@ def decide(
 def publish_champion(
     target: Store, model: Store, candidate: Store, fields: dict[str, Any]
 ) -> dict[str, Any]:
-    """Replace the champion under `target`: uncommit, copy, write the manifest last."""
-    clear(target, keep_state=False)  # removes manifest.json first, then the old files
-    files: dict[str, dict[str, Any]] = {}
-    with scratch_dir("skinlesion-promote-") as tmp:
+    """Replace the champion under `target` by the commit protocol of the stages: refuse a
+    prefix that is not a champion's, copy locally, then claim, uncommit and clear the old
+    champion, upload, write the manifest last."""
+    check_disjoint(CHAMPION_STAGE, target.uri, {"model": model.uri, "candidate": candidate.uri})
+    check_owned(CHAMPION_STAGE, target)
+    with scratch_dir("skinlesion-promote-") as work:
         for source, key in (
             (model, MODEL_FILE),
             (candidate, METRICS_FILE),
@@ -101,12 +113,10 @@ def publish_champion(
         ):
             if key == REPORT_FILE and not source.exists(key):
                 continue
-            local = tmp / key
-            source.get_file(key, local)
-            files[key] = {"sha256": target.put_file(local, key), "size": local.stat().st_size}
-    manifest = {**fields, "files": files}
-    put_json(target, MANIFEST, manifest)  # the commit mark, written last
-    return manifest
+            source.get_file(key, work / key)
+        claim(CHAMPION_STAGE, target)
+        clear(target, keep_state=False)  # removes manifest.json first, then the old files
+        return publish(target, work, fields, CHAMPION_STAGE)
 
 
 def run_promote(
@@ -208,7 +218,15 @@ def run_promote(
         (work / DECISION_FILE).write_text(json.dumps(decision, indent=2, allow_nan=False) + "\n")
         return {"decision": decision}
 
-    manifest = commit_stage("promote", out, settings, inputs, body, force)
+    manifest = commit_stage(
+        "promote",
+        out,
+        settings,
+        inputs,
+        body,
+        force,
+        input_uris={"candidate": candidate.uri, "model": model.uri, "champion": target.uri},
+    )
     decision = manifest.get("decision", {})
     champion = decision.get("champion") or {}
     log.info(

@@ -683,4 +683,7 @@ def run_train(
     fp = fingerprint(stage, settings, inputs)
     init = init_model if phase == "finetune" else None
     trainer = _Trainer(cfg, phase, train_data, val_data, out, init, fp, inputs["val_data"])
-    return commit_stage(stage, out, settings, inputs, trainer.run, force)
+    # Training keeps resume state under out/state/ while it runs: claim the prefix first.
+    return commit_stage(
+        stage, out, settings, inputs, trainer.run, force, input_uris=names, claim_first=True
+    )

@@ -25,7 +25,9 @@ from skinlesion import __version__
 from skinlesion.errors import InputError, StageFailed
 from skinlesion.manifest import (
     MANIFEST,
+    OWNER,
     STATE_PREFIX,
+    claim,
     commit_stage,
     fingerprint,
     is_done,
@@ -105,6 +107,7 @@ def test_fingerprint_is_deterministic_and_sensitive() -> None:
 
 def test_commit_uploads_outputs_then_manifest_last(store: Store) -> None:
     files = {"train-00000.tfrecord": b"t" * 1000, "plots/dist.png": b"png", "config.json": b"{}"}
+    claim("prepare", store)  # an earlier attempt of this stage claimed the prefix
     rec = Recorder(store)
     rec.put_bytes(f"{STATE_PREFIX}/resume.json", b"{}")  # resume state of this attempt
     manifest = commit_stage("prepare", rec, SETTINGS, INPUTS, writer(files, {"counts": {"n": 3}}))  # type: ignore[arg-type]
@@ -126,7 +129,7 @@ def test_commit_uploads_outputs_then_manifest_last(store: Store) -> None:
     }
     for key, data in files.items():
         assert store.get_bytes(key) == data
-    assert sorted(keys(store)) == sorted([*files, MANIFEST])
+    assert sorted(keys(store)) == sorted([*files, MANIFEST, OWNER])
     assert is_done(store, manifest["fingerprint"])
     assert require_manifest(store, "prepared data") == manifest
 
@@ -138,7 +141,7 @@ def test_same_fingerprint_is_skipped_unless_forced(store: Store) -> None:
     again = commit_stage("prepare", store, dict(SETTINGS), dict(INPUTS), body)
     assert body.calls == 1
     assert again == first
-    assert keys(store) == ["manifest.json", "out.bin"]  # the stale state is gone too
+    assert keys(store) == [MANIFEST, "out.bin", OWNER]  # the stale state is gone too
     forced = commit_stage("prepare", store, SETTINGS, INPUTS, body, force=True)
     assert body.calls == 2
     assert forced["fingerprint"] == first["fingerprint"]
@@ -163,10 +166,12 @@ def test_changed_fingerprint_uncommits_then_clears_stale_objects(
         return {}
 
     new = commit_stage("prepare", store, settings, inputs, body)
-    assert seen == {"manifest": None, "keys": []}  # stale outputs and their state cleared
+    # The body (which validates the inputs) runs before anything is touched: readers
+    # still see the old output; then it is uncommitted, cleared and replaced.
+    assert seen["manifest"] == old
     assert new["fingerprint"] != old["fingerprint"]
     assert read_manifest(store) == new
-    assert keys(store) == ["a.bin", "manifest.json"]
+    assert keys(store) == ["a.bin", MANIFEST, OWNER]
     assert store.get_bytes("a.bin") == b"new a"
 
 
@@ -244,7 +249,9 @@ CHILD = textwrap.dedent(
             time.sleep(120)
         return {"epochs_run": 4}
 
-    commit_stage("train", Announcing(out), {"lr": 0.1}, {"train_data": "fp"}, body)
+    commit_stage(
+        "train", Announcing(out), {"lr": 0.1}, {"train_data": "fp"}, body, claim_first=True
+    )
     print("committed", flush=True)
     """
 )
@@ -299,7 +306,7 @@ def test_killed_stage_leaves_nothing_committed(
     with pytest.raises(InputError, match="run its stage first"):
         require_manifest(out, "model")
     # What the attempt got to write is there, resume state included.
-    assert keys(out) == [*uploaded, f"{STATE_PREFIX}/resume.json"]
+    assert keys(out) == [*uploaded, OWNER, f"{STATE_PREFIX}/resume.json"]
 
     # The next attempt resumes from the state, then commits and drops it.
     seen: dict[str, Any] = {}
@@ -310,9 +317,11 @@ def test_killed_stage_leaves_nothing_committed(
         (work / "a.bin").write_bytes(b"final")
         return {}
 
-    manifest = commit_stage("train", out, {"lr": 0.1}, {"train_data": "fp"}, resume)
-    assert seen == {"state": {"epoch": 3}, "keys": [f"{STATE_PREFIX}/resume.json"]}
-    assert keys(out) == ["a.bin", MANIFEST]  # partial outputs of the crash and state gone
+    manifest = commit_stage(
+        "train", out, {"lr": 0.1}, {"train_data": "fp"}, resume, claim_first=True
+    )
+    assert seen == {"state": {"epoch": 3}, "keys": [OWNER, f"{STATE_PREFIX}/resume.json"]}
+    assert keys(out) == ["a.bin", MANIFEST, OWNER]  # partial outputs and state gone
     assert read_manifest(out) == manifest
     assert manifest["files"] == {
         "a.bin": {"sha256": hashlib.sha256(b"final").hexdigest(), "size": 5}
@@ -320,7 +329,8 @@ def test_killed_stage_leaves_nothing_committed(
 
 
 def test_uncommitted_prefix_keeps_state_but_not_partial_outputs(store: Store) -> None:
-    """Without a crash child: an uncommitted prefix is cleared except `state/`."""
+    """Without a crash child: an uncommitted own prefix is cleared except `state/`."""
+    claim("train", store)
     store.put_bytes("partial.bin", b"p")
     store.put_bytes(f"{STATE_PREFIX}/ckpt/weights.h5", b"w")
     observed: list[list[ObjectInfo]] = []
@@ -330,6 +340,6 @@ def test_uncommitted_prefix_keeps_state_but_not_partial_outputs(store: Store) ->
         (work / "final.bin").write_bytes(b"f")
         return {}
 
-    commit_stage("train", store, {}, {}, body)
-    assert [o.key for o in observed[0]] == [f"{STATE_PREFIX}/ckpt/weights.h5"]
-    assert keys(store) == ["final.bin", MANIFEST]
+    commit_stage("train", store, {}, {}, body, claim_first=True)
+    assert [o.key for o in observed[0]] == [OWNER, f"{STATE_PREFIX}/ckpt/weights.h5"]
+    assert keys(store) == ["final.bin", MANIFEST, OWNER]

@@ -13,7 +13,7 @@ import pytest
 from skinlesion import config
 from skinlesion.classes import NUM_CLASSES
 from skinlesion.errors import InputError
-from skinlesion.manifest import commit_stage, read_manifest
+from skinlesion.manifest import claim, commit_stage, read_manifest
 from skinlesion.metrics import compute_metrics
 from skinlesion.pipeline import input_fingerprints, stage_settings
 from skinlesion.promote import decide, promote_uri, run_promote
@@ -194,6 +194,7 @@ def test_candidate_must_be_an_evaluation_of_the_model(store: FileStore) -> None:
 
 def test_half_published_champion_counts_as_none(store: FileStore) -> None:
     target = store.child("models", "latest")
+    claim("champion", target)  # a crashed publish: claimed, half copied, no manifest
     target.put_bytes("model.keras", b"left over by a crash, no manifest")
     manifest, blob = _promote(store, "r1", 0.30, 0.10)
     assert manifest["decision"]["promoted"] is True
