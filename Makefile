@@ -23,7 +23,7 @@ VALUES ?= charts/skinlesion/values-kind.yaml
 help:
 	@echo "make run      set up .venv and run the whole pipeline locally (synthetic data)"
 	@echo "make test     set up .venv with dev tools and run every test"
-	@echo "make check    ruff, mypy and the fast tests"
+	@echo "make check    ruff, mypy, import contracts and the fast tests"
 	@echo "make bench    benchmarks -> $(BENCH_JSON)"
 	@echo "make image | kind-up | deploy | kind-test   Kubernetes (needs docker, kind, helm)"
 
@@ -58,6 +58,7 @@ lint: setup-dev
 	$(BIN)/ruff check skinlesion jobs tests
 	$(BIN)/ruff format --check skinlesion jobs tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 fmt: setup-dev
 	$(BIN)/ruff format skinlesion jobs tests
