@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from skinlesion import logs, pipeline, shards
+from skinlesion import config, logs, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.config import AugmentConfig, to_dict
 from skinlesion.errors import DataError
-from skinlesion.manifest import commit_stage
+from skinlesion.manifest import commit_stage, input_fingerprints
 from skinlesion.storage import Store
 
 STAGE = "augment"
@@ -332,8 +332,8 @@ def run_augment(
 ) -> dict[str, Any]:
     """Balance the prepared train split into `out`; returns the committed manifest."""
     log = logs.get()
-    settings = pipeline.stage_settings(STAGE, cfg)
-    inputs = pipeline.input_fingerprints({"prepared": prepared.uri})
+    settings = config.stage_settings(STAGE, cfg)
+    inputs = input_fingerprints({"prepared": prepared.uri})
 
     def body(work: Path) -> dict[str, Any]:
         from skinlesion.plots import augment as plots

@@ -411,3 +411,20 @@ def to_flags(cfg: Any) -> list[str]:
             value = "true" if value else "false"
         argv += [flag_name(key), str(value)]
     return argv
+
+
+# --- which settings change a stage's output (its fingerprint) ----------------------------
+
+_NOT_OUTPUT_AFFECTING = {"prepare": ("workers",)}
+
+
+def stage_settings(stage: str, section: Any) -> dict[str, Any]:
+    """The settings that go into a stage's fingerprint (fields that change its output)."""
+    values = to_dict(section)
+    for name in _NOT_OUTPUT_AFFECTING.get(stage, ()):
+        values.pop(name, None)
+    if stage == "train":
+        values = {k: v for k, v in values.items() if not k.startswith("finetune_")}
+    elif stage == "finetune":
+        values = {k: v for k, v in values.items() if not k.startswith("top_")}
+    return values

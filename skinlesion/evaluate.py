@@ -22,9 +22,15 @@ from skinlesion import config, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.keys import safe_segment
-from skinlesion.manifest import commit_stage, read_manifest, require_manifest, scratch_dir
+from skinlesion.manifest import (
+    commit_stage,
+    input_fingerprints,
+    read_manifest,
+    require_manifest,
+    scratch_dir,
+    stage_input_fingerprint,
+)
 from skinlesion.metrics import compute_metrics, headline
-from skinlesion.pipeline import input_fingerprints, stage_input_fingerprint, stage_settings
 from skinlesion.plots import evaluation as plots
 from skinlesion.storage import Store, open_store, sha256_file
 
@@ -213,7 +219,7 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluate `model` on the val split of `val_data`; returns the committed manifest."""
     log = logs.get()
-    settings = stage_settings("evaluate", cfg)
+    settings = config.stage_settings("evaluate", cfg)
     inputs = input_fingerprints({"model": model.uri, "val_data": val_data.uri})
     model_manifest = require_manifest(model, "model")
     data_manifest = require_manifest(val_data, "val_data")

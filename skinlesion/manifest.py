@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlparse
 
 from skinlesion import __version__, logs
 from skinlesion.errors import InputError, StageFailed
-from skinlesion.storage import Store, get_json, put_json
+from skinlesion.storage import Store, get_json, open_store, put_json
 
 MANIFEST = "manifest.json"
 OWNER = "owner.json"  # the owner mark, written before a stage's first write to a prefix
@@ -54,6 +54,42 @@ def fingerprint(stage: str, settings: Mapping[str, Any], inputs: Mapping[str, st
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def stage_input_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """What a downstream stage records for an upstream stage prefix it reads.
+
+    The upstream fingerprint says which work produced the prefix; the sha256 of each
+    committed file says which bytes it holds. Two writes of the same work (two runs
+    at once, a retrained model) differ in bytes, so a changed file under an unchanged
+    fingerprint never counts as the same input.
+    """
+    files = manifest.get("files") or {}
+    payload = json.dumps(
+        {
+            "fingerprint": manifest["fingerprint"],
+            "files": {key: (files[key] or {}).get("sha256") for key in sorted(files)},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def input_fingerprints(inputs: Mapping[str, str]) -> dict[str, str]:
+    """Fingerprint of each input: a HAM10000 tree's content listing, or a stage manifest
+    (`stage_input_fingerprint`)."""
+    from skinlesion.ham10000 import raw_fingerprint
+
+    out = {}
+    for name, uri in inputs.items():
+        store = open_store(uri)
+        out[name] = (
+            raw_fingerprint(store)
+            if name == "raw"
+            else stage_input_fingerprint(require_manifest(store, name))
+        )
+    return out
 
 
 def read_manifest(store: Store) -> dict[str, Any] | None:

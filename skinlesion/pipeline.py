@@ -9,8 +9,6 @@ run one stage command and report how it ended.
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -21,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from skinlesion import config, logs, runlock
+from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
 from skinlesion.keys import safe_run_id
-from skinlesion.manifest import fingerprint, is_done, require_manifest
+from skinlesion.manifest import fingerprint, input_fingerprints, is_done
 from skinlesion.storage import open_store
 
 Pool = Literal["cpu", "gpu"]
@@ -93,57 +92,7 @@ class StageCall:
     inputs: Mapping[str, str]  # input name -> URI ("raw" is a HAM10000 tree)
 
 
-# --- settings: what a stage's output depends on (one definition for CLI and pipeline) --
-
-_NOT_OUTPUT_AFFECTING = {"prepare": ("workers",)}
-
-
-def stage_settings(stage: str, section: Any) -> dict[str, Any]:
-    """The settings that go into a stage's fingerprint (fields that change its output)."""
-    values = config.to_dict(section)
-    for name in _NOT_OUTPUT_AFFECTING.get(stage, ()):
-        values.pop(name, None)
-    if stage == "train":
-        values = {k: v for k, v in values.items() if not k.startswith("finetune_")}
-    elif stage == "finetune":
-        values = {k: v for k, v in values.items() if not k.startswith("top_")}
-    return values
-
-
-def stage_input_fingerprint(manifest: Mapping[str, Any]) -> str:
-    """What a downstream stage records for an upstream stage prefix it reads.
-
-    The upstream fingerprint says which work produced the prefix; the sha256 of each
-    committed file says which bytes it holds. Two writes of the same work (two runs
-    at once, a retrained model) differ in bytes, so a changed file under an unchanged
-    fingerprint never counts as the same input.
-    """
-    files = manifest.get("files") or {}
-    payload = json.dumps(
-        {
-            "fingerprint": manifest["fingerprint"],
-            "files": {key: (files[key] or {}).get("sha256") for key in sorted(files)},
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def input_fingerprints(inputs: Mapping[str, str]) -> dict[str, str]:
-    """Fingerprint of each input: a HAM10000 tree's content listing, or a stage manifest
-    (`stage_input_fingerprint`)."""
-    from skinlesion.ham10000 import raw_fingerprint
-
-    out = {}
-    for name, uri in inputs.items():
-        store = open_store(uri)
-        out[name] = (
-            raw_fingerprint(store)
-            if name == "raw"
-            else stage_input_fingerprint(require_manifest(store, name))
-        )
-    return out
+# --- fingerprints (settings: config.stage_settings, inputs: manifest.input_fingerprints) --
 
 
 def expected_fingerprint(call: StageCall) -> str:

@@ -28,8 +28,7 @@ from skinlesion.evaluate import (
     sibling,
 )
 from skinlesion.imaging import Resize, resize_jpeg
-from skinlesion.manifest import read_manifest, scratch_dir
-from skinlesion.pipeline import stage_input_fingerprint
+from skinlesion.manifest import read_manifest, scratch_dir, stage_input_fingerprint
 from skinlesion.storage import Store, open_store
 
 BATCH = 32

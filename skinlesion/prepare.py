@@ -28,8 +28,7 @@ from skinlesion.imaging import (
     resize_chunk,
     resolve_workers,
 )
-from skinlesion.manifest import commit_stage
-from skinlesion.pipeline import input_fingerprints, stage_settings
+from skinlesion.manifest import commit_stage, input_fingerprints
 from skinlesion.plots.distribution import class_distribution
 from skinlesion.shards import Example, ShardWriter
 from skinlesion.split import Split, check_every_class, make_split
@@ -105,7 +104,7 @@ def run_prepare(
 ) -> dict[str, Any]:
     """Validate, split, resize and shard the tree at `raw` into `out`; the manifest."""
     log = logs.get()
-    settings = stage_settings("prepare", cfg)
+    settings = config.stage_settings("prepare", cfg)
     inputs = input_fingerprints({"raw": raw.uri})
 
     def body(work: Path) -> dict[str, Any]:

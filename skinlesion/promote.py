@@ -34,13 +34,13 @@ from skinlesion.manifest import (
     claim,
     clear,
     commit_stage,
+    input_fingerprints,
     publish,
     read_manifest,
     require_manifest,
     scratch_dir,
 )
 from skinlesion.metrics import headline
-from skinlesion.pipeline import input_fingerprints, stage_settings
 from skinlesion.storage import Store, get_json, open_store
 
 DECISION_FILE = "decision.json"
@@ -134,7 +134,7 @@ def run_promote(
     (`…/runs/<id>/evaluate` -> `…/runs/<id>/promote`), where the pipeline puts it.
     """
     log = logs.get()
-    settings = stage_settings("promote", cfg)
+    settings = config.stage_settings("promote", cfg)
     inputs = input_fingerprints({"candidate": candidate.uri, "model": model.uri})
     out = out if out is not None else open_store(promote_uri(candidate.uri))
     evaluation = require_manifest(candidate, "candidate")

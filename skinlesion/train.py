@@ -35,11 +35,17 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from skinlesion import config, logs, pipeline, shards
+from skinlesion import config, logs, shards
 from skinlesion import model as model_lib
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import InputError, Terminated
-from skinlesion.manifest import STATE_PREFIX, commit_stage, fingerprint, require_manifest
+from skinlesion.manifest import (
+    STATE_PREFIX,
+    commit_stage,
+    fingerprint,
+    input_fingerprints,
+    require_manifest,
+)
 from skinlesion.plots.training import training_curves
 from skinlesion.storage import Store, get_json, put_json
 
@@ -678,8 +684,8 @@ def run_train(
         if init_model is None:
             raise InputError("phase finetune needs init_model (the top phase's output)")
         names["init_model"] = init_model.uri
-    settings = pipeline.stage_settings(stage, cfg)
-    inputs = pipeline.input_fingerprints(names)
+    settings = config.stage_settings(stage, cfg)
+    inputs = input_fingerprints(names)
     fp = fingerprint(stage, settings, inputs)
     init = init_model if phase == "finetune" else None
     trainer = _Trainer(cfg, phase, train_data, val_data, out, init, fp, inputs["val_data"])

@@ -41,8 +41,8 @@ import urllib3
 from kubernetes import client, watch
 
 from skinlesion import config
-from skinlesion.manifest import commit_stage
-from skinlesion.pipeline import RunLayout, StageCall, input_fingerprints, plan
+from skinlesion.manifest import commit_stage, input_fingerprints
+from skinlesion.pipeline import RunLayout, StageCall, plan
 from skinlesion.storage import open_store
 
 SHUTDOWN_TIMEOUT_S = 0.5  # aiohttp waits 60 s for open watches by default

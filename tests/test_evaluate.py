@@ -19,10 +19,10 @@ from PIL import Image
 
 from skinlesion import config, evaluate, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
+from skinlesion.config import stage_settings
 from skinlesion.errors import InputError
-from skinlesion.manifest import commit_stage, read_manifest
+from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
 from skinlesion.metrics import KEYS, MEL_KEY, compute_metrics
-from skinlesion.pipeline import input_fingerprints, stage_settings
 from skinlesion.plots import plt, save
 from skinlesion.storage import FileStore, Store, get_json
 

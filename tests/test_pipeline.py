@@ -8,17 +8,16 @@ from typing import Any
 import pytest
 
 from skinlesion import cli, config
+from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, InputError, StageFailed
-from skinlesion.manifest import commit_stage, read_manifest
+from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
 from skinlesion.pipeline import (
     STAGES,
     Outcome,
     RunLayout,
     StageCall,
-    input_fingerprints,
     plan,
     run_pipeline,
-    stage_settings,
 )
 from skinlesion.storage import open_store, put_json
 from skinlesion.synthetic import write_sample_data

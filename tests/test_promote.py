@@ -12,10 +12,10 @@ import pytest
 
 from skinlesion import config
 from skinlesion.classes import NUM_CLASSES
+from skinlesion.config import stage_settings
 from skinlesion.errors import InputError
-from skinlesion.manifest import claim, commit_stage, read_manifest
+from skinlesion.manifest import claim, commit_stage, input_fingerprints, read_manifest
 from skinlesion.metrics import compute_metrics
-from skinlesion.pipeline import input_fingerprints, stage_settings
 from skinlesion.promote import decide, promote_uri, run_promote
 from skinlesion.storage import FileStore, Store, get_json, open_store, sha256_bytes
 from tests.test_evaluate import write_model, write_prepared
