@@ -1,39 +1,60 @@
-# syntax=docker/dockerfile:1
 # The skinlesion image: every stage Job and the controller run `python /app/jobs/<job>.py`
 # (charts/skinlesion renders the commands).
 #
-#   docker build --target cpu -t skinlesion:dev .   # CPU pools, kind (make image)
-#   docker build --target gpu -t skinlesion:dev-gpu .  # GPU pools (make image-gpu)
+#   make image      # target cpu: CPU pools, kind   (skinlesion:<git sha>)
+#   make image-gpu  # target gpu: GPU pools         (skinlesion:<git sha>-gpu)
 #
-# GPU target: tensorflow[and-cuda] installs the CUDA and cuDNN libraries as pinned pip
-# wheels (constraints.txt), so both targets share the same slim Python base; the nodes
-# only need the NVIDIA driver and device plugin (nvidia.com/gpu), no CUDA base image.
+# No registry is needed but the package index: the Makefile builds the base from Debian
+# packages (`make base-image`, debootstrap + docker import) and passes it as PYTHON_IMAGE;
+# any Debian-based Python 3.11 image works too (python:3.11-slim-bookworm). There is no
+# `# syntax=` line on purpose: it makes BuildKit pull a frontend image from a registry.
 #
-# Dependencies are pinned by constraints.txt (generated from the tested .venv:
-# `python -m tests.chart_render`, checked by tests/test_chart.py). The runtime stages hold
+# CPU target: the tensorflow-cpu wheel of the pinned tensorflow version (the same code
+# without the CUDA kernels: a smaller image). GPU target: tensorflow[and-cuda] installs the
+# CUDA and cuDNN libraries as pinned pip wheels (constraints.txt), so both targets share
+# the same slim Python base; the nodes only need the NVIDIA driver and device plugin
+# (nvidia.com/gpu), no CUDA base image.
+#
+# Dependencies are pinned by constraints.txt (the lock, generated from the tested .venv by
+# `make lock`, checked by tests/test_chart.py). pip runs with its
+# defaults (the package index); a CA bundle for a TLS-intercepting proxy comes in as the
+# BuildKit secret `pipcert` (`make image PIP_CERT=path`), mounted for the RUN only, and
+# pip's cache is a BuildKit cache mount: neither lands in a layer. The runtime stages hold
 # only the virtualenv, skinlesion/, jobs/ and pyproject.toml, owned by root and run as the
 # unprivileged uid 10001 (the chart's runAsUser) with a read-only root filesystem.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- builder: wheels and a virtualenv of the pinned dependencies ---------------------------
+# --- builder: a virtualenv and the dependency list ------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ONLY_BINARY=:all: \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY constraints.txt pyproject.toml ./
-# The dependency list of pyproject.toml, without the package (so that this layer is reused
-# until the dependencies change), built into wheels and installed into /opt/venv.
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
- && python -m venv /opt/venv \
- && /opt/venv/bin/pip wheel --wheel-dir /wheels -r requirements.txt -c constraints.txt \
- && /opt/venv/bin/pip install --no-index --find-links /wheels -r requirements.txt -c constraints.txt
+# The dependency list of pyproject.toml without the package (so that the install layers
+# are reused until the dependencies change) and without tensorflow (each target adds its
+# own wheel of the pinned version). `python3`: the Debian base has no `python`.
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/python -c "import re, tomllib; \
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+pins = dict(l.split('==') for l in open('constraints.txt').read().split() if '==' in l); \
+print('\n'.join(d for d in deps if re.match(r'[\w.-]+', d)[0] != 'tensorflow')); \
+open('tf-version', 'w').write(pins['tensorflow'])" > requirements.txt
 
-# --- builder-gpu: the same plus the CUDA libraries of tensorflow[and-cuda] ------------------
+# --- builder-cpu: the dependencies with tensorflow-cpu ---------------------------------------
+FROM builder AS builder-cpu
+RUN --mount=type=secret,id=pipcert --mount=type=cache,target=/root/.cache/pip \
+    { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
+ && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
+      "tensorflow-cpu==$(cat tf-version)"
+
+# --- builder-gpu: the dependencies with tensorflow[and-cuda] ---------------------------------
 FROM builder AS builder-gpu
-RUN TF="$(/opt/venv/bin/python -c 'from importlib.metadata import version; print(version("tensorflow"))')" \
- && /opt/venv/bin/pip install -c constraints.txt "tensorflow[and-cuda]==${TF}"
+RUN --mount=type=secret,id=pipcert --mount=type=cache,target=/root/.cache/pip \
+    { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
+ && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
+      "tensorflow[and-cuda]==$(cat tf-version)"
 
 # --- runtime: slim Python, non-root user, application files only ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -55,18 +76,18 @@ COPY --from=builder-gpu /opt/venv /opt/venv
 COPY pyproject.toml /app/
 COPY skinlesion/ /app/skinlesion/
 COPY jobs/ /app/jobs/
-RUN python -m compileall -q /app/skinlesion /app/jobs \
- && python -c "import skinlesion.cli"
+RUN /opt/venv/bin/python -m compileall -q /app/skinlesion /app/jobs \
+ && /opt/venv/bin/python -c "import skinlesion.cli"
 USER 10001:10001
-CMD ["python", "-m", "skinlesion", "--help"]
+CMD ["/opt/venv/bin/python", "-m", "skinlesion", "--help"]
 
 # --- cpu (the default target: last) --------------------------------------------------------
 FROM runtime AS cpu
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder-cpu /opt/venv /opt/venv
 COPY pyproject.toml /app/
 COPY skinlesion/ /app/skinlesion/
 COPY jobs/ /app/jobs/
-RUN python -m compileall -q /app/skinlesion /app/jobs \
- && python -c "import skinlesion.cli"
+RUN /opt/venv/bin/python -m compileall -q /app/skinlesion /app/jobs \
+ && /opt/venv/bin/python -c "import skinlesion.cli"
 USER 10001:10001
-CMD ["python", "-m", "skinlesion", "--help"]
+CMD ["/opt/venv/bin/python", "-m", "skinlesion", "--help"]

@@ -18,7 +18,8 @@ NAMESPACE ?= skinlesion
 RELEASE ?= skinlesion
 VALUES ?= charts/skinlesion/values-kind.yaml
 
-.PHONY: help setup setup-dev lock run test check lint fmt bench image image-gpu kind-up deploy kind-test clean
+.PHONY: help setup setup-dev lock run test check lint fmt bench image image-gpu docker-engine base-image \
+	kind-up deploy kind-test clean
 
 help:
 	@echo "make run      set up .venv and run the whole pipeline locally (synthetic data)"
@@ -101,11 +102,50 @@ for i in $$(seq 60); do \
 done;
 endef
 
-image:
-	docker build --target cpu -t $(IMAGE):$(TAG) .
+# --- image: built with no registry but the package index -----------------------------------
+# The base is Debian bookworm's python3.11 from Debian packages (debootstrap, docker import),
+# built once and kept: `make base-image`. PYTHON_IMAGE=python:3.11-slim-bookworm builds on
+# the registry's Python image instead. PIP_CERT=path: a CA bundle for pip inside the build
+# (a TLS-intercepting proxy), passed as a BuildKit secret, never stored in a layer.
+# A Docker engine that is not running is started here when we are root (dockerd, host
+# networking only: containers run with --network host).
+# /usr/bin/docker first: a distribution's client with BuildKit built in (a bare client
+# elsewhere on PATH may lack the buildx plugin that BuildKit builds need).
+DOCKER ?= $(firstword $(wildcard /usr/bin/docker) docker)
+BASE_IMAGE ?= skinlesion-base:bookworm
+PYTHON_IMAGE ?= $(BASE_IMAGE)
+PIP_CERT ?=
+DOCKERD_LOG ?= /tmp/skinlesion-dockerd.log
+PIP_SECRET = --secret id=pipcert$(comma)src=$(PIP_CERT)
+comma := ,
+DOCKER_BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --network host --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) \
+	$(if $(PIP_CERT),$(PIP_SECRET))
 
-image-gpu:
-	docker build --target gpu -t $(IMAGE):$(TAG)-gpu .
+docker-engine:
+	@$(DOCKER) info >/dev/null 2>&1 && exit 0; \
+	command -v dockerd >/dev/null || { echo "docker-engine: no Docker engine; install docker.io (apt-get install docker.io debootstrap)" >&2; exit 1; }; \
+	[ "$$(id -u)" = 0 ] || { echo "docker-engine: the Docker engine is not running and only root can start it (sudo dockerd)" >&2; exit 1; }; \
+	echo "docker-engine: starting dockerd (log: $(DOCKERD_LOG))"; \
+	nohup dockerd --bridge=none --iptables=false --ip6tables=false >$(DOCKERD_LOG) 2>&1 </dev/null & \
+	for i in $$(seq 60); do $(DOCKER) info >/dev/null 2>&1 && exit 0; sleep 1; done; \
+	echo "docker-engine: dockerd did not start, see $(DOCKERD_LOG)" >&2; exit 1
+
+base-image: docker-engine
+	@$(DOCKER) image inspect $(BASE_IMAGE) >/dev/null 2>&1 && exit 0; \
+	command -v debootstrap >/dev/null || { echo "base-image: install debootstrap (apt-get install debootstrap)" >&2; exit 1; }; \
+	set -euo pipefail; root=$$(mktemp -d); trap 'rm -rf "$$root"' EXIT; \
+	debootstrap --variant=minbase --include=python3.11,python3-venv bookworm "$$root" $(DEBIAN_MIRROR); \
+	rm -rf "$$root"/var/cache/apt/archives/*.deb "$$root"/var/lib/apt/lists/* "$$root"/var/log/*; \
+	tar -C "$$root" -c . | $(DOCKER) import -c 'ENV LANG=C.UTF-8' - $(BASE_IMAGE) >/dev/null; \
+	echo "base-image: $(BASE_IMAGE) built"
+
+$(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),image image-gpu: base-image)
+
+image: docker-engine
+	$(DOCKER_BUILD) --target cpu -t $(IMAGE):$(TAG) .
+
+image-gpu: docker-engine
+	$(DOCKER_BUILD) --target gpu -t $(IMAGE):$(TAG)-gpu .
 
 # kind cluster + image + chart with MinIO (values-kind.yaml) + bucket + synthetic sample data.
 kind-up: image setup
