@@ -162,7 +162,7 @@ class PipelineConfig:
 
 # Named presets: partial mappings applied over the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference procedure of HAM10000.md, for reproduction (leaky image-level split).
+    # The published reference procedure (README), for reproduction (leaky image-level split).
     "reference": {
         "prepare": {"split": "seed", "seed": 101},
         "train": {"finetune_learning_rate": 0.01},

@@ -2,7 +2,7 @@
 
 Inputs: a train/finetune output (`model.keras`) and the prepare output (val
 shards). Outputs under the stage prefix: `metrics.json` (exactly the keys of
-DESIGN.md), `predictions.csv`, `confusion_matrix.png`, `roc.png`,
+the contract, metrics.KEYS), `predictions.csv`, `confusion_matrix.png`, `roc.png`,
 `reliability.png`, and a self-contained `report.html`.
 """
 

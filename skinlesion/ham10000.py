@@ -1,6 +1,6 @@
 """Reading and validating a HAM10000 tree from any store.
 
-Layout (HAM10000.md): `HAM10000_metadata.csv` plus the images in
+Layout (as the real dataset ships): `HAM10000_metadata.csv` plus the images in
 `HAM10000_images_part_1/` and `HAM10000_images_part_2/`. The metadata has the
 columns `lesion_id,image_id,dx,dx_type,age,sex,localization`, optionally
 followed by `dataset`. Every problem is a DataError of one line naming the

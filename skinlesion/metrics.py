@@ -2,7 +2,7 @@
 
 Pure numpy on (true labels, predicted probabilities); scikit-learn is used only by
 the tests, as an independent check of every figure. The keys are fixed by
-DESIGN.md: accuracy, balanced_accuracy, macro_f1, per_class, confusion_matrix,
+the metrics.json contract (README): accuracy, balanced_accuracy, macro_f1, per_class, confusion_matrix,
 roc_auc_macro, melanoma, ece, n_images. Every value is a plain int, float or
 None (JSON `null`), so the dict can be written with `json.dumps` as it is.
 

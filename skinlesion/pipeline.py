@@ -49,7 +49,7 @@ STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where a run's inputs and outputs live in the store (DESIGN.md layout)."""
+    """Where a run's inputs and outputs live in the store (README: store layout)."""
 
     store_uri: str
     run_id: str

@@ -1,7 +1,7 @@
 """kmock served over HTTP to the official `kubernetes` client, plus a fake kubelet.
 
 `KMock` runs `kmock.KubernetesEmulator` and `kmock.Server` in a private event loop
-on a daemon thread (both built inside that loop, as KMOCK.md says) and adds, as
+on a daemon thread (both built inside that loop: they hold asyncio primitives) and adds, as
 reactions here in the test fixture, what kmock lacks and a real API server has:
 
 - label and field selectors on list and watch (kmock ignores both);
@@ -210,7 +210,7 @@ class KMock:
         result: list[dict[str, Any]] = self.call(pick)
         return result
 
-    # reactions: the gaps of KMOCK.md, covered here and never in the controller
+    # reactions: what kmock lacks (selectors, PUT, pod logs, CAS), covered here and never in the controller
 
     def _react(self, emu: kmock.KubernetesEmulator) -> None:
         for plural in RESOURCES:
