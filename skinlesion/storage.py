@@ -443,8 +443,8 @@ class S3Store:
 
         return bool(self._call(what, key, call, **kwargs))
 
-    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
-        """Create `key` holding `data` unless it exists (`If-None-Match: *`)."""
+    def _put_if(self, key: str, data: bytes, **condition: str) -> bool:
+        """put_object with a precondition (IfNoneMatch / IfMatch); False when it fails."""
         return self._conditional(
             "put",
             key,
@@ -452,8 +452,12 @@ class S3Store:
             Key=self._key(key),
             Body=data,
             Metadata={"sha256": sha256_bytes(data)},
-            IfNoneMatch="*",
+            **condition,
         )
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` holding `data` unless it exists (`If-None-Match: *`)."""
+        return self._put_if(key, data, IfNoneMatch="*")
 
     def swap_bytes(self, key: str, expected: bytes, data: bytes | None) -> bool:
         """Replace `key` with `data` (delete it when None) only if it holds `expected`:
@@ -472,15 +476,7 @@ class S3Store:
             return self._conditional(
                 "delete", key, self._client.delete_object, Key=self._key(key), IfMatch=etag
             )
-        return self._conditional(
-            "put",
-            key,
-            self._client.put_object,
-            Key=self._key(key),
-            Body=data,
-            Metadata={"sha256": sha256_bytes(data)},
-            IfMatch=etag,
-        )
+        return self._put_if(key, data, IfMatch=etag)
 
 
 def file_uri_path(uri: str) -> Path:
