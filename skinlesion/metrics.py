@@ -1,9 +1,9 @@
 """Classification metrics for the 7 HAM10000 classes: the keys of `metrics.json`.
 
 Pure numpy on (true labels, predicted probabilities); scikit-learn is used only by
-the tests, as an independent check of every figure. The keys are fixed by
-the metrics.json contract (README): accuracy, balanced_accuracy, macro_f1, per_class, confusion_matrix,
-roc_auc_macro, melanoma, ece, n_images. Every value is a plain int, float or
+the tests, as an independent check of every figure. The keys are fixed by the
+metrics.json contract (README): accuracy, balanced_accuracy, macro_f1, per_class,
+confusion_matrix, roc_auc_macro, melanoma, ece, n_images. Every value is a plain int, float or
 None (JSON `null`), so the dict can be written with `json.dumps` as it is.
 
 Conventions where a figure is undefined (a class absent from `y_true` or never

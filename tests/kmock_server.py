@@ -210,7 +210,8 @@ class KMock:
         result: list[dict[str, Any]] = self.call(pick)
         return result
 
-    # reactions: what kmock lacks (selectors, PUT, pod logs, CAS), covered here and never in the controller
+    # reactions: what kmock lacks (selectors, PUT, pod logs, CAS), covered here and never
+    # in the controller
 
     def _react(self, emu: kmock.KubernetesEmulator) -> None:
         for plural in RESOURCES:
