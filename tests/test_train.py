@@ -26,7 +26,7 @@ from skinlesion import model as model_lib
 from skinlesion import train as train_lib
 from skinlesion.classes import CLASSES
 from skinlesion.errors import InputError, Terminated
-from skinlesion.manifest import STATE_PREFIX, commit_stage
+from skinlesion.manifest import STATE_PREFIX, claim, commit_stage
 from skinlesion.storage import Store, get_json, open_store, put_json
 
 SIZE = 32
@@ -312,7 +312,8 @@ def test_weights_none_trains_the_base_and_stale_state_is_dropped(
     data: Store, tmp_path: Path
 ) -> None:
     out = open_store(str(tmp_path / "train"))
-    # Resume state of other settings (an older attempt): must not be used.
+    # Resume state of other settings (an older attempt of this stage): must not be used.
+    claim("train", out)
     put_json(out, f"{STATE_PREFIX}/state.json", {"fingerprint": "0" * 64, "epochs_done": 5})
     out.put_bytes(f"{STATE_PREFIX}/epoch-0005.keras", b"old")
     cfg = tiny_cfg(weights="none", top_epochs=1)
