@@ -26,6 +26,7 @@ from skinlesion.errors import (
     SkinlesionError,
     Terminated,
 )
+from skinlesion.stages import job_inputs
 from skinlesion.storage import Store, open_store
 
 Handler = Callable[[argparse.Namespace], int]
@@ -64,6 +65,8 @@ def _stage_parser(
 ) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
     _common(p)
+    for spec, required in job_inputs(name):  # a stage command's inputs: the stage table
+        p.add_argument(spec.flag, required=required, help=spec.help)
     if section is not None:
         p.add_argument("--config", help="YAML file: a pipeline config or this stage's section")
         p.add_argument("--force", action="store_true", help="redo even if already committed")
@@ -194,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = _stage_parser(
         sub, "prepare", "validate, split, resize and shard HAM10000", config.PrepareConfig
     )
-    p.add_argument("--raw", required=True, help="store URI of a HAM10000 tree")
     p.add_argument("--out", help="store URI of the stage output")
     p.add_argument(
         "--dry-run",
@@ -206,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = _stage_parser(
         sub, "augment", "balance the training set with augmented variants", config.AugmentConfig
     )
-    p.add_argument("--prepared", required=True, help="store URI of the prepare output")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=_augment)
 
@@ -214,25 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "train", "train the head (top) or fine-tune the last block", config.TrainConfig
     )
     p.add_argument("--phase", choices=["top", "finetune"], default="top")
-    p.add_argument("--train-data", required=True, help="augment (or prepare) output URI")
-    p.add_argument("--val-data", required=True, help="prepare output URI")
-    p.add_argument("--init-model", help="top-phase output URI (finetune only)")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=_train)
 
     p = _stage_parser(
         sub, "evaluate", "metrics, plots and HTML report on the val split", config.EvaluateConfig
     )
-    p.add_argument("--model", required=True, help="train/finetune output URI")
-    p.add_argument("--val-data", required=True, help="prepare output URI")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=_evaluate)
 
     p = _stage_parser(
         sub, "promote", "replace models/latest if the candidate beats it", config.PromoteConfig
     )
-    p.add_argument("--candidate", required=True, help="evaluate output URI")
-    p.add_argument("--model", required=True, help="train/finetune output URI")
     p.add_argument("--target", required=True, help="champion URI (…/models/latest)")
     p.add_argument("--out", help="this stage's prefix (default: sibling 'promote' of --candidate)")
     p.set_defaults(handler=_promote)

@@ -6,8 +6,9 @@ import sys
 
 from skinlesion import config, logs
 from skinlesion.classes import CLASSES
+from skinlesion.layout import RunLayout
 from skinlesion.manifest import read_manifest
-from skinlesion.pipeline import LocalExecutor, RunLayout, RunReport, run_pipeline
+from skinlesion.pipeline import LocalExecutor, RunReport, run_pipeline
 from skinlesion.storage import get_json, open_store
 
 

@@ -21,64 +21,12 @@ from typing import Any, Literal, Protocol
 from skinlesion import config, logs, runlock
 from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
-from skinlesion.keys import safe_run_id
+from skinlesion.layout import RunLayout
 from skinlesion.manifest import fingerprint, input_fingerprints, is_done
+from skinlesion.stages import INPUTS, STAGES, Stage
 from skinlesion.storage import open_store
 
-Pool = Literal["cpu", "gpu"]
 MAX_PREEMPTIONS = 20  # node losses are not failures, but a run must still end
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str  # also the store prefix runs/<id>/<name>/
-    pool: Pool
-    job: str  # CLI subcommand and jobs/<job>.py entrypoint
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "cpu", "prepare"),
-    Stage("augment", "cpu", "augment"),
-    Stage("train", "gpu", "train"),
-    Stage("finetune", "gpu", "train"),
-    Stage("evaluate", "cpu", "evaluate"),
-    Stage("promote", "cpu", "promote"),
-)
-STAGE_BY_NAME = {s.name: s for s in STAGES}
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where a run's inputs and outputs live in the store (README: store layout)."""
-
-    store_uri: str
-    run_id: str
-
-    def __post_init__(self) -> None:
-        safe_run_id(self.run_id)
-
-    @property
-    def store(self) -> str:
-        return self.store_uri.rstrip("/")
-
-    @property
-    def default_raw(self) -> str:
-        return f"{self.store}/raw/HAM10000"
-
-    @property
-    def run_uri(self) -> str:
-        return f"{self.store}/runs/{self.run_id}"
-
-    def stage_uri(self, stage: str) -> str:
-        return f"{self.run_uri}/{stage}"
-
-    @property
-    def logs_uri(self) -> str:
-        return f"{self.run_uri}/logs"
-
-    @property
-    def champion_uri(self) -> str:
-        return f"{self.store}/models/latest"
 
 
 @dataclass(frozen=True)
@@ -105,78 +53,50 @@ def expected_fingerprint(call: StageCall) -> str:
 def plan(
     cfg: config.PipelineConfig, layout: RunLayout, raw_uri: str | None = None
 ) -> list[StageCall]:
-    """The stage calls of a run, in order, honouring `augment.enabled` and fine-tune epochs."""
-    raw = raw_uri or layout.default_raw
-    uri = layout.stage_uri
-    calls: list[StageCall] = []
+    """The stage calls of a run, in order, honouring `augment.enabled` and fine-tune epochs.
 
-    def add(name: str, argv: list[str], section: Any, inputs: dict[str, str]) -> None:
+    Each stage's command is derived from the stage table: its fixed flags, one flag per
+    input (resolved below), `--out`, then its config section as flags."""
+    uri = layout.stage_uri
+    enabled = {
+        "augment": cfg.augment.enabled,
+        "finetune": cfg.train.finetune_epochs > 0,
+    }
+    model = uri("finetune") if enabled["finetune"] else uri("train")
+    source = {
+        "raw": raw_uri or layout.default_raw,
+        "prepared": uri("prepare"),
+        "train_data": uri("augment") if enabled["augment"] else uri("prepare"),
+        "val_data": uri("prepare"),
+        "init_model": uri("train"),
+        "model": model,
+        "candidate": uri("evaluate"),
+    }
+    extra = {"promote": ("--target", layout.champion_uri)}
+    calls: list[StageCall] = []
+    for stage in STAGES:
+        if not enabled.get(stage.name, True):
+            continue
+        section = getattr(cfg, stage.section)
+        inputs = {name: source[name] for name in stage.inputs}
+        flags = [arg for name in stage.inputs for arg in (INPUTS[name].flag, inputs[name])]
         calls.append(
             StageCall(
-                stage=STAGE_BY_NAME[name],
-                argv=(*argv, "--out", uri(name), *config.to_flags(section)),
-                out_uri=uri(name),
-                settings=stage_settings(name, section),
+                stage=stage,
+                argv=(
+                    stage.job,
+                    *stage.args,
+                    *flags,
+                    *extra.get(stage.name, ()),
+                    "--out",
+                    uri(stage.name),
+                    *config.to_flags(section),
+                ),
+                out_uri=uri(stage.name),
+                settings=stage_settings(stage.name, section),
                 inputs=inputs,
             )
         )
-
-    add("prepare", ["prepare", "--raw", raw], cfg.prepare, {"raw": raw})
-    train_data = uri("prepare")
-    if cfg.augment.enabled:
-        add(
-            "augment",
-            ["augment", "--prepared", uri("prepare")],
-            cfg.augment,
-            {"prepared": uri("prepare")},
-        )
-        train_data = uri("augment")
-    data = {"train_data": train_data, "val_data": uri("prepare")}
-    add(
-        "train",
-        ["train", "--phase", "top", "--train-data", train_data, "--val-data", uri("prepare")],
-        cfg.train,
-        data,
-    )
-    model = uri("train")
-    if cfg.train.finetune_epochs > 0:
-        add(
-            "finetune",
-            [
-                "train",
-                "--phase",
-                "finetune",
-                "--train-data",
-                train_data,
-                "--val-data",
-                uri("prepare"),
-                "--init-model",
-                uri("train"),
-            ],
-            cfg.train,
-            {**data, "init_model": uri("train")},
-        )
-        model = uri("finetune")
-    add(
-        "evaluate",
-        ["evaluate", "--model", model, "--val-data", uri("prepare")],
-        cfg.evaluate,
-        {"model": model, "val_data": uri("prepare")},
-    )
-    add(
-        "promote",
-        [
-            "promote",
-            "--candidate",
-            uri("evaluate"),
-            "--model",
-            model,
-            "--target",
-            layout.champion_uri,
-        ],
-        cfg.promote,
-        {"candidate": uri("evaluate"), "model": model},
-    )
     return calls
 
 
@@ -250,7 +170,7 @@ class RunReport:
 
 def _save_log(layout: RunLayout, stage: str, attempt: int, outcome: Outcome) -> str:
     logs_store = open_store(layout.logs_uri)
-    key = f"{stage}-attempt-{attempt}.log"
+    key = layout.log_key(stage, attempt)
     logs_store.put_bytes(key, outcome.log_tail.encode())
     return f"{logs_store.uri}/{key}"
 

@@ -41,8 +41,9 @@ import urllib3
 from kubernetes import client, watch
 
 from skinlesion import config
+from skinlesion.layout import RunLayout
 from skinlesion.manifest import commit_stage, input_fingerprints
-from skinlesion.pipeline import RunLayout, StageCall, plan
+from skinlesion.pipeline import StageCall, plan
 from skinlesion.storage import open_store
 
 SHUTDOWN_TIMEOUT_S = 0.5  # aiohttp waits 60 s for open watches by default

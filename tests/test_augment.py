@@ -23,6 +23,7 @@ from skinlesion.augment import Params, apply_params
 from skinlesion.classes import CLASSES, INDEX
 from skinlesion.config import AugmentConfig, PipelineConfig
 from skinlesion.errors import DataError, InputError
+from skinlesion.layout import RunLayout
 from skinlesion.manifest import commit_stage
 from skinlesion.storage import FileStore, S3Store, open_store
 
@@ -85,7 +86,7 @@ def _write_prepared(store: FileStore) -> dict[str, Any]:
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One prepared set, augmented three times: seed 0, seed 0 again by the CLI, seed 1."""
     root = tmp_path_factory.mktemp("augment")
-    layout = pipeline.RunLayout(root.as_uri(), "r1")
+    layout = RunLayout(root.as_uri(), "r1")
     prepared = open_store(layout.stage_uri("prepare"))
     assert isinstance(prepared, FileStore)
     _write_prepared(prepared)

@@ -4,7 +4,7 @@ Rendered for the default values and for every values file the Makefile's Kuberne
 targets use; every object, and every stage Job embedded in the ConfigMap, is checked
 with `kubernetes-validate --strict`, and against the contracts of the controller
 (stages.yaml), of skinlesion/config.py (pipeline.yaml and the values schema), of the
-stage list (skinlesion/pipeline.py) and of the image (Dockerfile).
+stage list (skinlesion/stages.py) and of the image (Dockerfile).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import yaml
 from skinlesion import config
 from skinlesion.classes import CLASSES
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, EXIT_RUN_LOCKED
-from skinlesion.pipeline import STAGE_BY_NAME, STAGES
+from skinlesion.stages import STAGE_BY_NAME, STAGES
 from tests import chart_render as cr
 from tests import lockfile
 from tests.chart_render import Rendered, containers, job_spec, pod_spec

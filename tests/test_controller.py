@@ -40,7 +40,9 @@ from skinlesion.errors import (
     StageFailed,
 )
 from skinlesion.kube import Kube
-from skinlesion.pipeline import STAGE_BY_NAME, STAGES, RunLayout, plan
+from skinlesion.layout import RunLayout
+from skinlesion.pipeline import plan
+from skinlesion.stages import STAGE_BY_NAME, STAGES
 from skinlesion.storage import open_store
 from skinlesion.synthetic import write_sample_data
 from tests.kmock_server import FakeKubelet, KMock

@@ -10,15 +10,10 @@ import pytest
 from skinlesion import cli, config
 from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, InputError, StageFailed
+from skinlesion.layout import RunLayout
 from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
-from skinlesion.pipeline import (
-    STAGES,
-    Outcome,
-    RunLayout,
-    StageCall,
-    plan,
-    run_pipeline,
-)
+from skinlesion.pipeline import Outcome, StageCall, plan, run_pipeline
+from skinlesion.stages import STAGES
 from skinlesion.storage import open_store, put_json
 from skinlesion.synthetic import write_sample_data
 

@@ -17,8 +17,9 @@ import pytest
 
 from skinlesion import config, runlock
 from skinlesion.errors import EXIT_DAMAGED_RUN, EXIT_INTERRUPTED, EXIT_RUN_LOCKED
+from skinlesion.layout import RunLayout
 from skinlesion.manifest import read_manifest
-from skinlesion.pipeline import RunLayout, run_pipeline
+from skinlesion.pipeline import run_pipeline
 from skinlesion.runlock import LOCK_KEY, RunLock, RunLocked
 from skinlesion.storage import FileStore, S3Store, Store, get_json, open_store, put_json
 from skinlesion.synthetic import write_sample_data

@@ -34,7 +34,8 @@ import yaml
 from skinlesion import config, logs
 from skinlesion.controller import run_controller
 from skinlesion.kube import Kube
-from skinlesion.pipeline import STAGE_BY_NAME, STAGES, RunLayout
+from skinlesion.layout import RunLayout
+from skinlesion.stages import STAGE_BY_NAME, STAGES
 from skinlesion.storage import open_store
 from skinlesion.synthetic import write_sample_data
 from tests import s3server

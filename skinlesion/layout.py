@@ -1,0 +1,79 @@
+"""Where everything lives in the store: the only code that knows the layout.
+
+    <store>/raw/HAM10000/                    the dataset tree (metadata CSV + image folders)
+    <store>/runs/<run-id>/lock.json          the run lock: one writer per run
+    <store>/runs/<run-id>/<stage>/           a stage's outputs (owner.json first,
+                                             manifest.json last; state/ while it trains)
+    <store>/runs/<run-id>/logs/<stage>-attempt-<n>.log
+    <store>/models/latest/                   the champion (model.keras, metrics.json, ...)
+
+The names of the files a stage writes that other stages read are here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from skinlesion.keys import safe_run_id, safe_segment
+
+RAW_TREE = "raw/HAM10000"
+RUNS = "runs"
+LOGS = "logs"
+CHAMPION = "models/latest"
+
+MODEL_FILE = "model.keras"  # train / finetune / champion
+METRICS_FILE = "metrics.json"  # evaluate / champion
+PREDICTIONS_FILE = "predictions.csv"  # evaluate
+REPORT_FILE = "report.html"  # evaluate / champion
+DECISION_FILE = "decision.json"  # promote
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The prefixes of one run in one store."""
+
+    store_uri: str
+    run_id: str
+
+    def __post_init__(self) -> None:
+        safe_run_id(self.run_id)
+
+    @property
+    def store(self) -> str:
+        return self.store_uri.rstrip("/")
+
+    @property
+    def default_raw(self) -> str:
+        return f"{self.store}/{RAW_TREE}"
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.store}/{RUNS}/{self.run_id}"
+
+    def stage_uri(self, stage: str) -> str:
+        return f"{self.run_uri}/{stage}"
+
+    @property
+    def logs_uri(self) -> str:
+        return f"{self.run_uri}/{LOGS}"
+
+    @staticmethod
+    def log_key(stage: str, attempt: int) -> str:
+        """Under `logs_uri`: one file per attempt, never overwritten by a later one."""
+        return f"{stage}-attempt-{attempt}.log"
+
+    @property
+    def champion_uri(self) -> str:
+        return f"{self.store}/{CHAMPION}"
+
+
+def sibling_stage_uri(uri: str, name: str) -> str | None:
+    """`…/runs/<id>/evaluate` -> `…/runs/<id>/<name>`; None when `uri` has no parent."""
+    safe_segment(name, "stage name")
+    base = uri.rstrip("/")
+    scheme, sep, rest = base.partition("://")
+    path = rest if sep else base
+    if "/" not in path.strip("/"):
+        return None
+    parent = path.rsplit("/", 1)[0]
+    return f"{scheme}{sep}{parent}/{name}" if sep else f"{parent}/{name}"
