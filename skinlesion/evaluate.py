@@ -21,83 +21,13 @@ import numpy as np
 from skinlesion import config, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import DamagedRun, InputError
-from skinlesion.keys import safe_segment
-from skinlesion.manifest import (
-    commit_stage,
-    input_fingerprints,
-    read_manifest,
-    require_manifest,
-    scratch_dir,
-    stage_input_fingerprint,
-)
+from skinlesion.layout import METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORT_FILE
+from skinlesion.lineage import preprocessing_of, upstream
+from skinlesion.manifest import commit_stage, input_fingerprints, require_manifest, scratch_dir
 from skinlesion.metrics import compute_metrics, headline
+from skinlesion.model import load_model, model_image_size
 from skinlesion.plots import evaluation as plots
-from skinlesion.storage import Store, open_store, sha256_file
-
-MODEL_FILE = "model.keras"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.csv"
-REPORT_FILE = "report.html"
-
-
-def sibling_uri(uri: str, name: str) -> str | None:
-    """`…/runs/<id>/evaluate` -> `…/runs/<id>/<name>`; None when `uri` has no parent."""
-    safe_segment(name, "stage name")
-    base = uri.rstrip("/")
-    scheme, sep, rest = base.partition("://")
-    path = rest if sep else base
-    if "/" not in path.strip("/"):
-        return None
-    parent = path.rsplit("/", 1)[0]
-    return f"{scheme}{sep}{parent}/{name}" if sep else f"{parent}/{name}"
-
-
-def sibling(store: Store, name: str) -> Store | None:
-    uri = sibling_uri(store.uri, name)
-    return open_store(uri) if uri else None
-
-
-# --- the model and its input preprocessing (shared with predict) -------------------------
-
-DEFAULT_RESIZE = "squash"
-DEFAULT_JPEG_QUALITY = 95
-
-
-def load_model(path: Path) -> Any:
-    """A saved Keras model (inference only: not compiled)."""
-    import keras
-
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # keras raises many types for a corrupt or foreign file
-        raise InputError(f"{path.name}: cannot load the Keras model: {exc}") from None
-
-
-def model_image_size(net: Any) -> int:
-    """The side of the square RGB input the model takes."""
-    shape = tuple(net.input_shape)
-    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
-        raise InputError(f"the model takes input of shape {shape}, expected [batch, n, n, 3]")
-    return int(shape[1])
-
-
-def preprocessing_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    """How the images a model saw were resized: from a prepare manifest, or the
-    `preprocessing` an evaluate or champion manifest recorded."""
-    if isinstance(manifest.get("preprocessing"), dict):
-        prep = manifest["preprocessing"]
-        return {
-            "image_size": prep.get("image_size"),
-            "resize": prep.get("resize", DEFAULT_RESIZE),
-            "jpeg_quality": prep.get("jpeg_quality", DEFAULT_JPEG_QUALITY),
-        }
-    settings = manifest.get("settings", {}) or {}
-    return {
-        "image_size": manifest.get("image_size", settings.get("image_size")),
-        "resize": settings.get("resize", DEFAULT_RESIZE),
-        "jpeg_quality": settings.get("jpeg_quality", DEFAULT_JPEG_QUALITY),
-    }
-
+from skinlesion.storage import Store, sha256_file
 
 # --- prediction over the val shards ------------------------------------------------------
 
@@ -161,10 +91,6 @@ def write_predictions(path: Path, examples: list[shards.Example], proba: np.ndar
 # --- report inputs from upstream stages ---------------------------------------------------
 
 
-def _committed(store: Store | None) -> dict[str, Any] | None:
-    return read_manifest(store) if store is not None else None
-
-
 def _fetch_png(store: Store, key: str, dest: Path) -> Path | None:
     if not store.exists(key):
         return None
@@ -176,19 +102,12 @@ def _fetch_png(store: Store, key: str, dest: Path) -> Path | None:
 def upstream_figures(
     model: Store, model_manifest: dict[str, Any], val_data: Store, dest: Path
 ) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]], dict[str, Any] | None]:
-    """(training plots, data plots, augment manifest) of this model's lineage.
-
-    A sibling stage counts only when it is committed and the model was built
-    from it (its fingerprint is among the model's inputs).
-    """
-    inputs = model_manifest.get("inputs", {}) or {}
+    """(training plots, data plots, augment manifest) of this model's lineage: the
+    upstream prefixes its manifest records, while they hold what it was built from."""
     training: list[tuple[str, Path]] = []
-    top = _committed(sibling(model, "train"))
-    if top is not None and inputs.get("init_model") == stage_input_fingerprint(top):
-        top_store = sibling(model, "train")
-        assert top_store is not None
-        if png := _fetch_png(top_store, "training_curves.png", dest):
-            training.append(("Training curves, phase top (head only)", png))
+    top = upstream(model_manifest, "init_model")
+    if top is not None and (png := _fetch_png(top[0], "training_curves.png", dest)):
+        training.append(("Training curves, phase top (head only)", png))
     phase = model_manifest.get("phase") or model_manifest.get("stage") or "model"
     if png := _fetch_png(model, "training_curves.png", dest):
         training.append((f"Training curves, phase {phase} (the evaluated model)", png))
@@ -196,18 +115,15 @@ def upstream_figures(
     data: list[tuple[str, Path]] = []
     if png := _fetch_png(val_data, "class_distribution.png", dest):
         data.append(("Class distribution per split (prepare)", png))
-    augment_store = sibling(model, "augment")
-    augment = _committed(augment_store)
-    if augment is not None and inputs.get("train_data") == stage_input_fingerprint(augment):
-        assert augment_store is not None
+    train_data = upstream(model_manifest, "train_data")
+    augment = train_data[1] if train_data and train_data[1].get("stage") == "augment" else None
+    if train_data is not None and augment is not None:
         for key, caption in (
             ("class_balance.png", "Training classes before and after augmentation"),
             ("augment_samples.png", "Augmented training samples"),
         ):
-            if png := _fetch_png(augment_store, key, dest):
+            if png := _fetch_png(train_data[0], key, dest):
                 data.append((caption, png))
-    else:
-        augment = None
     return training, data, augment
 
 

@@ -41,7 +41,16 @@ OWNER = "owner.json"  # the owner mark, written before a stage's first write to 
 # Objects under this sub-prefix survive an uncommitted restart (training resume state).
 STATE_PREFIX = "state"
 _PROTOCOL_FIELDS = frozenset(
-    {"stage", "fingerprint", "settings", "inputs", "files", "created_at", "skinlesion_version"}
+    {
+        "stage",
+        "fingerprint",
+        "settings",
+        "inputs",
+        "sources",
+        "files",
+        "created_at",
+        "skinlesion_version",
+    }
 )
 _RESERVED = (MANIFEST, OWNER)  # keys a stage body may not write
 
@@ -301,6 +310,7 @@ def commit_stage(
                 "fingerprint": fp,
                 "settings": dict(settings),
                 "inputs": dict(inputs),
+                "sources": dict(input_uris or {}),  # where each input was read (lineage)
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "skinlesion_version": __version__,
                 **extra,

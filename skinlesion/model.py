@@ -311,8 +311,19 @@ def mirror_weights(name: str, uri: str, weights: str = "imagenet", image_size: i
 
 
 def load_model(path: str | Path) -> Any:
-    """Load a `.keras` classifier for inference (no optimizer)."""
-    return _keras().saving.load_model(path, compile=False)
+    """A saved `.keras` classifier for inference (not compiled: no optimizer)."""
+    try:
+        return _keras().saving.load_model(path, compile=False)
+    except Exception as exc:  # keras raises many types for a corrupt or foreign file
+        raise InputError(f"{Path(path).name}: cannot load the Keras model: {exc}") from None
+
+
+def model_image_size(net: Any) -> int:
+    """The side of the square RGB input the model takes."""
+    shape = tuple(net.input_shape)
+    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
+        raise InputError(f"the model takes input of shape {shape}, expected [batch, n, n, 3]")
+    return int(shape[1])
 
 
 def main(argv: list[str] | None = None) -> int:

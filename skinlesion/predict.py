@@ -18,17 +18,11 @@ import numpy as np
 from skinlesion import logs
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import DataError, InputError
-from skinlesion.evaluate import (
-    DEFAULT_JPEG_QUALITY,
-    DEFAULT_RESIZE,
-    MODEL_FILE,
-    load_model,
-    model_image_size,
-    preprocessing_of,
-    sibling,
-)
 from skinlesion.imaging import Resize, resize_jpeg
-from skinlesion.manifest import read_manifest, scratch_dir, stage_input_fingerprint
+from skinlesion.layout import MODEL_FILE
+from skinlesion.lineage import DEFAULT_JPEG_QUALITY, DEFAULT_RESIZE, model_preprocessing
+from skinlesion.manifest import scratch_dir
+from skinlesion.model import load_model, model_image_size
 from skinlesion.storage import Store, open_store
 
 BATCH = 32
@@ -46,26 +40,6 @@ def resolve_model(model_uri: str) -> tuple[Store, str]:
     if head.endswith("/") or head.endswith(":"):
         raise InputError(f"model URI {model_uri!r} has no parent prefix")
     return open_store(head), name
-
-
-def lineage_preprocessing(store: Store) -> dict[str, Any] | None:
-    """How the model's training images were resized, from the manifests around it.
-
-    A champion or evaluate manifest records it (`preprocessing`); a train or
-    finetune prefix leads to the prepare output it was trained on (the sibling
-    `prepare` prefix whose fingerprint is the model's `val_data` input).
-    """
-    manifest = read_manifest(store)
-    if manifest is None:
-        return None
-    if isinstance(manifest.get("preprocessing"), dict):
-        return preprocessing_of(manifest)
-    prepare = sibling(store, "prepare")
-    prep_manifest = read_manifest(prepare) if prepare is not None else None
-    wanted = (manifest.get("inputs", {}) or {}).get("val_data")
-    if prep_manifest is not None and wanted and stage_input_fingerprint(prep_manifest) == wanted:
-        return preprocessing_of(prep_manifest)
-    return None
 
 
 def load_images(images: list[str], size: int, resize: Resize, quality: int) -> np.ndarray:
@@ -92,7 +66,7 @@ def predict(model_uri: str, images: list[str]) -> list[dict[str, Any]]:
     store, key = resolve_model(model_uri)
     if not store.exists(key):
         raise InputError(f"no model at {store.uri}/{key}")
-    prep = lineage_preprocessing(store)
+    prep = model_preprocessing(store)
     if prep is None:
         log.warning(
             "preprocessing_unknown",

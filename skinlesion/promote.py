@@ -21,11 +21,12 @@ from typing import Any
 from skinlesion import config, logs
 from skinlesion.classes import MELANOMA
 from skinlesion.errors import DamagedRun, InputError
-from skinlesion.evaluate import (
+from skinlesion.layout import (
+    DECISION_FILE,
     METRICS_FILE,
     MODEL_FILE,
     REPORT_FILE,
-    sibling_uri,
+    sibling_stage_uri,
 )
 from skinlesion.manifest import (
     MANIFEST,
@@ -43,14 +44,13 @@ from skinlesion.manifest import (
 from skinlesion.metrics import headline
 from skinlesion.storage import Store, get_json, open_store
 
-DECISION_FILE = "decision.json"
 CHAMPION_STAGE = "champion"
 _EPS = 1e-12  # float slack on the melanoma-recall margin (0.5 - 0.48 > 0.02 in binary)
 
 
 def promote_uri(candidate_uri: str) -> str:
     """The promote stage's own prefix: the sibling of the evaluate prefix."""
-    uri = sibling_uri(candidate_uri, "promote")
+    uri = sibling_stage_uri(candidate_uri, "promote")
     if uri is None:
         raise InputError(f"candidate {candidate_uri} is not a stage prefix (…/runs/<id>/evaluate)")
     return uri
@@ -149,7 +149,7 @@ def run_promote(
         evaluated is not None and evaluated != model_sha
     ):
         problem = f"candidate {candidate.uri} is an evaluation of another model than {model.uri}"
-        if model.uri in {sibling_uri(candidate.uri, s) for s in ("train", "finetune")}:
+        if model.uri in {sibling_stage_uri(candidate.uri, s) for s in ("train", "finetune")}:
             # One run's own prefixes: its model was rewritten after it was evaluated (e.g.
             # by a concurrent writer). Not the user's input; a rerun re-evaluates it.
             raise DamagedRun(problem)

@@ -98,7 +98,8 @@ def write_augment(store: Store, prepared: Store) -> None:
 
     cfg = config.AugmentConfig()
     inputs = input_fingerprints({"prepared": prepared.uri})
-    commit_stage("augment", store, stage_settings("augment", cfg), inputs, body)
+    sources = {"prepared": prepared.uri}
+    commit_stage("augment", store, stage_settings("augment", cfg), inputs, body, input_uris=sources)
 
 
 def tiny_model(image_size: int = IMAGE_SIZE, seed: int = 0) -> Any:
@@ -144,7 +145,7 @@ def write_model(
         }
 
     settings = stage_settings(stage, config.TrainConfig(backbone="mobilenetv3small"))
-    return commit_stage(stage, store, settings, input_fingerprints(names), body)
+    return commit_stage(stage, store, settings, input_fingerprints(names), body, input_uris=names)
 
 
 def decode_like_training(jpeg: bytes) -> np.ndarray:
@@ -152,20 +153,6 @@ def decode_like_training(jpeg: bytes) -> np.ndarray:
 
 
 # --- fast tests: report and helpers ---------------------------------------------------------
-
-
-def test_sibling_uri() -> None:
-    assert (
-        evaluate.sibling_uri("s3://b/p/runs/r1/evaluate", "promote") == "s3://b/p/runs/r1/promote"
-    )
-    assert (
-        evaluate.sibling_uri("file:///x/runs/r1/evaluate/", "augment")
-        == "file:///x/runs/r1/augment"
-    )
-    assert evaluate.sibling_uri("/x/runs/r1/train", "prepare") == "/x/runs/r1/prepare"
-    assert evaluate.sibling_uri("s3://bucket", "promote") is None
-    with pytest.raises(InputError):
-        evaluate.sibling_uri("s3://b/runs/r1/evaluate", "../x")
 
 
 def _metrics() -> dict[str, Any]:
