@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from skinlesion import config, logs
+from skinlesion import config, logs, scratch
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
     EXIT_CTRL_C,
@@ -301,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse printed usage and `skinlesion <cmd>: error: ...`
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logs.configure(run_id=args.run_id, stage=args.command, level=args.log_level)
+    scratch.configure(os.environ.get(scratch.ENV))  # the environment is read here, once
     log = logs.get()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -23,10 +23,11 @@ from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORT_FILE
 from skinlesion.lineage import preprocessing_of, upstream
-from skinlesion.manifest import commit_stage, input_fingerprints, require_manifest, scratch_dir
+from skinlesion.manifest import commit_stage, input_fingerprints, require_manifest
 from skinlesion.metrics import compute_metrics, headline
 from skinlesion.model import load_model, model_image_size
 from skinlesion.plots import evaluation as plots
+from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, sha256_file
 
 # --- prediction over the val shards ------------------------------------------------------

@@ -24,9 +24,7 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from urllib.parse import unquote, urlparse
 
 from skinlesion import __version__, logs
 from skinlesion.errors import InputError, StageFailed
+from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store, put_json
 
 MANIFEST = "manifest.json"
@@ -247,15 +246,6 @@ def publish(out: Store, work: Path, manifest: Mapping[str, Any], what: str) -> d
     committed = {**manifest, "files": files}
     put_json(out, MANIFEST, committed)  # the commit mark, written last
     return committed
-
-
-@contextmanager
-def scratch_dir(prefix: str) -> Iterator[Path]:
-    """A local temporary directory (under $SKINLESION_SCRATCH when set)."""
-    with tempfile.TemporaryDirectory(
-        prefix=prefix, dir=os.environ.get("SKINLESION_SCRATCH") or None
-    ) as tmp:
-        yield Path(tmp)
 
 
 def commit_stage(

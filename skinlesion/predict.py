@@ -21,8 +21,8 @@ from skinlesion.errors import DataError, InputError
 from skinlesion.imaging import Resize, resize_jpeg
 from skinlesion.layout import MODEL_FILE
 from skinlesion.lineage import DEFAULT_JPEG_QUALITY, DEFAULT_RESIZE, model_preprocessing
-from skinlesion.manifest import scratch_dir
 from skinlesion.model import load_model, model_image_size
+from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, open_store
 
 BATCH = 32

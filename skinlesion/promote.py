@@ -39,9 +39,9 @@ from skinlesion.manifest import (
     publish,
     read_manifest,
     require_manifest,
-    scratch_dir,
 )
 from skinlesion.metrics import headline
+from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store
 
 CHAMPION_STAGE = "champion"
