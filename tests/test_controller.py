@@ -22,16 +22,7 @@ import pytest
 import yaml
 
 from skinlesion import cli, config
-from skinlesion.controller import (
-    LOG_TAIL_LINES,
-    KubernetesExecutor,
-    LeaseHeld,
-    LeaseLost,
-    job_name,
-    load_stages,
-    run_controller,
-    run_id_from_job_name,
-)
+from skinlesion.controller import run_controller
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -40,6 +31,9 @@ from skinlesion.errors import (
     StageFailed,
 )
 from skinlesion.kube import Kube
+from skinlesion.kube_executor import LOG_TAIL_LINES, KubernetesExecutor
+from skinlesion.kube_jobs import job_name, load_stages, run_id_from_job_name
+from skinlesion.lease import LeaseHeld, LeaseLost
 from skinlesion.pipeline import STAGE_BY_NAME, STAGES, RunLayout, plan
 from skinlesion.storage import open_store
 from skinlesion.synthetic import write_sample_data
