@@ -5,7 +5,8 @@
   and log tail, or preempted when the pod was disrupted (node loss, preemption);
 - it is restart-safe: a stage Job still running (its controller was restarted) is
   adopted and watched, never created twice; Jobs that had already ended before are
-  history, and the next attempt takes the next free attempt number;
+  history, and the attempt numbers they used are reported to the run loop, which
+  numbers the next attempt (`attempts_used`);
 - SIGTERM (errors.Terminated) deletes the running Job (background propagation).
 """
 
@@ -69,7 +70,7 @@ class KubernetesExecutor:
         self.max_wait_s = max_wait_s
         self.watch_timeout_s = watch_timeout_s
         self.current: str | None = None  # the Job this controller is waiting for
-        self._used: dict[str, int] = {}  # stage -> Job attempts used before this run's first
+        self._adoptable: dict[str, dict[str, Any]] = {}  # stage -> its running Job
         self._watch: JobWatch | None = None
 
     # building
@@ -82,48 +83,53 @@ class KubernetesExecutor:
 
     # running
 
-    def _resume(self, stage: str, run_id: str) -> tuple[int, dict[str, Any] | None]:
-        """Where this stage starts: (attempts already used, a running Job to adopt or None).
+    def attempts_used(self, call: StageCall, run_id: str) -> int:
+        """The highest attempt number among the stage's Jobs (0: none).
 
-        A running Job of the stage (a controller restarted mid-stage) is adopted. Jobs
+        A running Job of the stage (a controller restarted mid-stage) is to be adopted:
+        it counts as not used yet, and `run` watches it instead of creating a Job. Jobs
         that had already ended before this controller started are history: their
         failures were handled by the controller that saw them, and they may be for other
         inputs; the next attempt gets the next free number instead of their result.
         """
+        stage = call.stage.name
         selector = stage_selector(self.release, stage, run_id)
         items, _ = self.kube.list_jobs(self.namespace, label_selector=selector)
+        self._adoptable.pop(stage, None)
         running = [j for j in items if job_state(j) is None]
         if running:
             job = max(running, key=attempt_of)
-            return attempt_of(job) - 1, job
-        return max((attempt_of(j) for j in items), default=0), None
+            self._adoptable[stage] = job
+            return attempt_of(job) - 1
+        return max((attempt_of(j) for j in items), default=0)
 
     def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
         from skinlesion.kube import Conflict
 
         log = logs.get()
         stage = call.stage.name
-        adopted: dict[str, Any] | None = None
-        if attempt == 1 or stage not in self._used:
-            self._used[stage], adopted = self._resume(stage, run_id)
-        number = attempt + self._used[stage]  # the Job's attempt, over controller restarts
-        name = job_name(self.release, stage, run_id, number)
+        adopted = self._adoptable.pop(stage, None)
+        if adopted is not None and attempt_of(adopted) != attempt:
+            adopted = None  # not this attempt's Job
+        name = job_name(self.release, stage, run_id, attempt)
         self.current = name
         try:
             if adopted is not None:
                 job = adopted
-                log.info("adopting", step=stage, job=name, attempt=number)
+                log.info("adopting", step=stage, job=name, attempt=attempt)
             else:
                 try:
-                    job = self.kube.create_job(self.namespace, self.build_job(call, run_id, number))
-                    log.info("job_created", step=stage, job=name, attempt=number)
+                    job = self.kube.create_job(
+                        self.namespace, self.build_job(call, run_id, attempt)
+                    )
+                    log.info("job_created", step=stage, job=name, attempt=attempt)
                 except Conflict:  # created meanwhile (not by a controller holding the Lease)
                     found = self.kube.get_job(self.namespace, name)
                     if found is None:
                         raise
                     job = found
-                    log.info("adopting", step=stage, job=name, attempt=number)
-            self._check_ours(job, stage, run_id, number)
+                    log.info("adopting", step=stage, job=name, attempt=attempt)
+            self._check_ours(job, stage, run_id, attempt)
             finished = self._wait(name, job)
         except _WaitTimeout:
             self._delete(name, "max_wait")
