@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from skinlesion import config, logs, scratch
+from skinlesion.cli_controller import add_controller_arguments
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
     EXIT_CTRL_C,
@@ -265,8 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         p.set_defaults(handler=handler)
         if name == "controller":
-            from skinlesion.controller import add_controller_arguments
-
             add_controller_arguments(p)
     for command_parser in sub.choices.values():  # errors then say `skinlesion <cmd>: error:`
         command_parser.set_defaults(command_parser=command_parser)

@@ -62,6 +62,15 @@ class RunLayout:
         """Under `logs_uri`: one file per attempt, never overwritten by a later one."""
         return f"{stage}-attempt-{attempt}.log"
 
+    @staticmethod
+    def logged_attempt(stage: str, key: str) -> int | None:
+        """The attempt number of a `log_key` of `stage`, else None."""
+        head, sep, tail = key.rpartition("-attempt-")
+        number = tail.removesuffix(".log")
+        if not sep or head != stage or not number.isdigit() or not tail.endswith(".log"):
+            return None
+        return int(number)
+
     @property
     def champion_uri(self) -> str:
         return f"{self.store}/{CHAMPION}"

@@ -1,9 +1,10 @@
 """The one stage list, and the loop that runs it on any executor.
 
-Ordering, input fingerprints, skip-if-done, retries, preemption handling and
-the run lock (one writer per run) live here; the local executor (processes on
-this machine) and the Kubernetes controller (one Job per stage) only know how to
-run one stage command and report how it ended.
+Ordering, input fingerprints, skip-if-done, retries, preemption handling, attempt
+numbers and the run lock (one writer per run) live here; the local executor
+(processes on this machine) and the Kubernetes controller (one Job per stage) only
+know how to run one stage command, report how it ended and which attempts of it they
+know of.
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ class Outcome:
 
 
 class Executor(Protocol):
+    def attempts_used(self, call: StageCall, run_id: str) -> int:
+        """The highest attempt number of this stage the executor knows of (0: none).
+
+        Asked before the stage's first attempt in this process; the run loop also
+        counts the logs of earlier attempts and numbers the next attempt after both.
+        """
+        ...
+
     def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
         """Run one stage command to completion and say how it ended."""
         ...
@@ -125,6 +134,9 @@ class LocalExecutor:
 
     def command(self, call: StageCall, run_id: str) -> list[str]:
         return [sys.executable, "-m", "skinlesion", *call.argv, "--run-id", run_id]
+
+    def attempts_used(self, call: StageCall, run_id: str) -> int:
+        return 0  # a child process leaves nothing behind but the log the loop saved
 
     def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
         proc = subprocess.Popen(self.command(call, run_id), stderr=subprocess.PIPE)
@@ -157,7 +169,7 @@ class LocalExecutor:
 class StageReport:
     stage: str
     status: Literal["skipped", "done"]
-    attempts: int = 0
+    attempts: int = 0  # made by this process
     seconds: float = 0.0
     out_uri: str = ""
 
@@ -173,6 +185,12 @@ def _save_log(layout: RunLayout, stage: str, attempt: int, outcome: Outcome) -> 
     key = layout.log_key(stage, attempt)
     logs_store.put_bytes(key, outcome.log_tail.encode())
     return f"{logs_store.uri}/{key}"
+
+
+def _attempts_logged(layout: RunLayout, stage: str) -> int:
+    """The highest attempt number of the stage with a saved log (0: none)."""
+    attempts = (layout.logged_attempt(stage, o.key) for o in open_store(layout.logs_uri).list())
+    return max((n for n in attempts if n is not None), default=0)
 
 
 def run_pipeline(
@@ -211,10 +229,14 @@ def _run_stages(
             log.info("stage_skipped", step=name, reason="done with the same inputs and settings")
             report.stages.append(StageReport(name, "skipped", out_uri=call.out_uri))
             continue
-        failures = preemptions = attempt = 0
+        # Attempt numbers go on from earlier processes' (their Jobs and logs are kept);
+        # the retry budget counts this process's attempts only.
+        attempt = max(_attempts_logged(layout, name), executor.attempts_used(call, layout.run_id))
+        failures = preemptions = tries = 0
         start = time.monotonic()
         while True:
             attempt += 1
+            tries += 1
             log.info("stage_start", step=name, attempt=attempt, pool=call.stage.pool)
             outcome = executor.run(call, layout.run_id, attempt)
             lock.check()
@@ -248,9 +270,9 @@ def _run_stages(
                 retries_left=cfg.retries - failures + 1,
             )
             if failures > cfg.retries:
-                raise StageFailed(name, f"{outcome.detail} after {attempt} attempts; log: {saved}")
+                raise StageFailed(name, f"{outcome.detail} after {tries} attempts; log: {saved}")
             time.sleep(retry_delay_s * 2 ** (failures - 1))
         seconds = time.monotonic() - start
-        log.info("stage_done", step=name, attempts=attempt, seconds=round(seconds, 1))
-        report.stages.append(StageReport(name, "done", attempt, seconds, call.out_uri))
+        log.info("stage_done", step=name, attempts=tries, seconds=round(seconds, 1))
+        report.stages.append(StageReport(name, "done", tries, seconds, call.out_uri))
     return report

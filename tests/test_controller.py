@@ -22,16 +22,7 @@ import pytest
 import yaml
 
 from skinlesion import cli, config
-from skinlesion.controller import (
-    LOG_TAIL_LINES,
-    KubernetesExecutor,
-    LeaseHeld,
-    LeaseLost,
-    job_name,
-    load_stages,
-    run_controller,
-    run_id_from_job_name,
-)
+from skinlesion.controller import run_controller
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -40,7 +31,10 @@ from skinlesion.errors import (
     StageFailed,
 )
 from skinlesion.kube import Kube
+from skinlesion.kube_executor import LOG_TAIL_LINES, KubernetesExecutor
+from skinlesion.kube_jobs import job_name, load_stages, run_id_from_job_name
 from skinlesion.layout import RunLayout
+from skinlesion.lease import LeaseHeld, LeaseLost
 from skinlesion.pipeline import plan
 from skinlesion.stages import STAGE_BY_NAME, STAGES
 from skinlesion.storage import open_store
@@ -497,6 +491,44 @@ def test_controller_killed_mid_stage_is_restarted_and_adopts_the_job(
         assert restarted.result() == 0
     assert created_jobs(run.km).count(train) == 1
     assert kubelet.names() == names(*((s, 1) for s in ORDER))
+
+
+def test_controller_restarted_after_a_failed_attempt_keeps_that_attempts_log(
+    make_run: Callable[..., Run],
+) -> None:
+    """The restarted controller adopts attempt 2 and saves its log as attempt 2: the log of
+    attempt 1 (saved by the killed controller) is not overwritten."""
+    run = make_run("--set", "retries=1")
+    prepare = names(("prepare", 1), ("prepare", 2), ("prepare", 3))
+    watch_second = f"metadata.name={prepare[1]}"
+
+    def watches() -> int:
+        return sum(
+            r.params.get("watch") == "true" and r.params.get("fieldSelector") == watch_second
+            for r in run.km.requests("GET", "jobs")
+        )
+
+    with run.kubelet(prepare=["fail:1", "hold"]) as kubelet:
+        proc = run.process()
+        try:
+            # Attempt 1 failed and its log was saved before attempt 2 was created.
+            kubelet.wait_for(lambda: len(kubelet.jobs) == 2, timeout=60)
+        finally:
+            proc.kill()
+            proc.wait(10)
+        before = watches()
+        restarted = Background(run.controller)
+        wait_until(lambda: watches() > before)  # adopted: it watches attempt 2
+        kubelet.finish(prepare[1], "fail:137")
+        assert restarted.result() == 0  # its own retry: attempt 3 succeeds
+    assert kubelet.names()[:3] == prepare
+    assert [created_jobs(run.km).count(n) for n in prepare] == [1, 1, 1]
+    logs = open_store(run.layout.logs_uri)
+    first, second = (logs.get_bytes(f"prepare-attempt-{n}.log").decode() for n in (1, 2))
+    assert first.rstrip().endswith("prepare: error: exit 1")
+    assert second.rstrip().endswith("prepare: error: exit 137")
+    assert first != second
+    assert not logs.exists("prepare-attempt-3.log")
 
 
 def test_sigterm_deletes_the_running_job_and_exits_143(make_run: Callable[..., Run]) -> None:

@@ -49,6 +49,7 @@ def test_the_package_keeps_every_contract(tree: Path) -> None:
         ("skinlesion/sneaky.py", "from kubernetes import client", "only by skinlesion.kube"),
         ("skinlesion/predict.py", "from skinlesion import cli", "never import the CLI"),
         ("skinlesion/train.py", "import skinlesion.controller", "never import the CLI"),
+        ("skinlesion/prepare.py", "from skinlesion import kube_executor", "never import the CLI"),
         ("skinlesion/predict.py", "from skinlesion import pipeline", "the orchestrator"),
     ],
 )

@@ -17,6 +17,12 @@ def test_run_layout_prefixes() -> None:
     assert layout.champion_uri == "s3://b/p/models/latest"
 
 
+def test_logged_attempt_reads_back_log_key() -> None:
+    assert RunLayout.logged_attempt("train", RunLayout.log_key("train", 12)) == 12
+    for other in ("finetune-attempt-1.log", "train-attempt-x.log", "train-attempt-1.txt", "t"):
+        assert RunLayout.logged_attempt("train", other) is None
+
+
 def test_sibling_stage_uri() -> None:
     assert sibling_stage_uri("s3://b/p/runs/r1/evaluate", "promote") == "s3://b/p/runs/r1/promote"
     assert (

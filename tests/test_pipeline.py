@@ -83,6 +83,9 @@ class ScriptedExecutor:
         (work / "out.bin").write_bytes(f"output {self.outputs}".encode())
         return {}
 
+    def attempts_used(self, call: StageCall, run_id: str) -> int:
+        return 0  # like a local process: nothing but the logs the loop saved
+
     def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
         self.calls.append((call.stage.name, attempt))
         steps = self.script.get(call.stage.name, [])
@@ -156,6 +159,19 @@ def test_failures_are_retried_then_the_stage_is_named(tmp_path: Path, raw: str) 
     assert info.value.exit_code != EXIT_BAD_INPUT
     logs = open_store(_layout(tmp_path).logs_uri)
     assert logs.get_bytes("augment-attempt-3.log").decode() == "log of augment attempt 3"
+
+
+def test_a_rerun_numbers_its_attempts_after_the_saved_logs(tmp_path: Path, raw: str) -> None:
+    with pytest.raises(StageFailed, match="after 1 attempts"):
+        _run(tmp_path, raw, ScriptedExecutor({"augment": ["1"]}), retries=0)
+    ex = ScriptedExecutor({"augment": ["1"]})
+    with pytest.raises(StageFailed, match="after 1 attempts"):  # a budget per process
+        _run(tmp_path, raw, ex, retries=0)
+    assert ex.calls == [("augment", 2)]
+    logs = open_store(_layout(tmp_path).logs_uri)
+    for attempt in (1, 2):
+        text = logs.get_bytes(f"augment-attempt-{attempt}.log").decode()
+        assert text == f"log of augment attempt {attempt}"
 
 
 def test_a_retry_that_succeeds_continues_the_run(tmp_path: Path, raw: str) -> None:

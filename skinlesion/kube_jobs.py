@@ -1,0 +1,210 @@
+"""Stage Jobs as data: their names, labels and shape, and how to read their end.
+
+Pure functions over plain dicts (the API's JSON); the calls to the API server are
+`kube_executor`'s. A stage Job is built from the stage's shape in the chart's stages
+file (a complete batch/v1 Job without name and args), named
+`<release>-<stage>-<run-id>[-a<attempt>]` and labelled with the release, stage, run id
+and attempt.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from skinlesion import config
+from skinlesion.errors import ConfigError, InputError
+from skinlesion.keys import safe_run_id
+
+if TYPE_CHECKING:
+    from skinlesion.pipeline import StageCall
+
+CONTAINER = "stage"  # the container of a stage Job that gets the stage's arguments
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_STAGE = "app.kubernetes.io/component"
+LABEL_RUN_ID = "skinlesion.io/run-id"
+LABEL_ATTEMPT = "skinlesion.io/attempt"
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on a Job's pods
+JOB_NAME_ENV = "SKINLESION_JOB_NAME"  # the controller's own Job name (--run-id-from-job)
+_MAX_NAME = 63
+_EXIT_CODE_IN_MESSAGE = re.compile(r"failed with exit code (\d+)")
+
+
+# --- the stages file ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagesFile:
+    release: str | None
+    namespace: str | None
+    store: str | None
+    jobs: Mapping[str, dict[str, Any]]  # stage -> Job shape
+
+
+def load_stages(path: str) -> StagesFile:
+    """Read and check the chart's stages file; errors name the file and the stage."""
+    data = config.read_yaml(path)
+    stages = data.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError("stages", f"{path}: needs a 'stages' mapping of stage -> {{job: …}}")
+    jobs: dict[str, dict[str, Any]] = {}
+    for stage, entry in stages.items():
+        job = entry.get("job") if isinstance(entry, dict) else None
+        where = f"{path}: stages.{stage}.job"
+        if not isinstance(job, dict) or job.get("kind", "Job") != "Job":
+            raise ConfigError("stages", f"{where}: must be a batch/v1 Job manifest")
+        containers = (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+            "containers"
+        ) or []
+        if not any(isinstance(c, dict) and c.get("name") == CONTAINER for c in containers):
+            raise ConfigError("stages", f"{where}: has no container named '{CONTAINER}'")
+        jobs[str(stage)] = job
+    return StagesFile(
+        release=data.get("release") or None,
+        namespace=data.get("namespace") or None,
+        store=data.get("store") or None,
+        jobs=jobs,
+    )
+
+
+# --- names --------------------------------------------------------------------------------
+
+
+def job_name(release: str, stage: str, run_id: str, attempt: int) -> str:
+    """`<release>-<stage>-<run-id>`, `-a<attempt>` from the second attempt, <= 63 chars.
+
+    A long release is shortened (never the stage or run id, which keep names unique).
+    """
+    rest = f"-{stage}-{run_id}" + (f"-a{attempt}" if attempt > 1 else "")
+    prefix = release[: max(1, _MAX_NAME - len(rest))].rstrip("-.") or "s"
+    return f"{prefix}{rest}"[:_MAX_NAME]
+
+
+def run_id_from_job_name(name: str, release: str | None = None) -> str:
+    """A valid run id from a Job name (e.g. `<release>-retrain-28934560` of a CronJob).
+
+    The release prefix is dropped; what is left keeps the unique tail and is shortened
+    with a hash when longer than a run id may be.
+    """
+    text = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if release and text.startswith(f"{release}-") and len(text) > len(release) + 1:
+        text = text[len(release) + 1 :]
+    if len(text) > 40:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        text = f"{text[:31].rstrip('-')}-{digest}"
+    if not text:
+        raise InputError(f"cannot derive a run id from Job name {name!r}")
+    return safe_run_id(text)
+
+
+def labels(release: str, stage: str, run_id: str, attempt: int) -> dict[str, str]:
+    return {
+        LABEL_INSTANCE: release,
+        LABEL_STAGE: stage,
+        LABEL_RUN_ID: run_id,
+        LABEL_ATTEMPT: str(attempt),
+    }
+
+
+def stage_selector(release: str, stage: str, run_id: str) -> str:
+    """The label selector of every Job (any attempt) of one stage of one run."""
+    return ",".join(
+        f"{k}={v}"
+        for k, v in ((LABEL_INSTANCE, release), (LABEL_RUN_ID, run_id), (LABEL_STAGE, stage))
+    )
+
+
+def attempt_of(job: Mapping[str, Any]) -> int:
+    """The attempt number a Job is labelled with (0: none)."""
+    value = ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "0")
+    return int(value) if str(value).isdigit() else 0
+
+
+def build_job(
+    stages: StagesFile, call: StageCall, namespace: str, release: str, run_id: str, attempt: int
+) -> dict[str, Any]:
+    """The stage's Job shape (deep-copied), named, labelled, with the stage's args."""
+    stage = call.stage.name
+    shape = stages.jobs.get(stage)
+    if shape is None:
+        raise ConfigError("stages", f"the stages file has no Job shape for stage '{stage}'")
+    job = copy.deepcopy(shape)
+    job.setdefault("apiVersion", "batch/v1")
+    job.setdefault("kind", "Job")
+    ours = labels(release, stage, run_id, attempt)
+    meta = job.setdefault("metadata", {})
+    meta.pop("generateName", None)
+    meta["name"] = job_name(release, stage, run_id, attempt)
+    meta["namespace"] = namespace
+    meta["labels"] = {**(meta.get("labels") or {}), **ours}
+    template = job["spec"]["template"]
+    tmeta = template.setdefault("metadata", {})
+    tmeta["labels"] = {**(tmeta.get("labels") or {}), **ours}
+    for container in template["spec"]["containers"]:
+        if container.get("name") == CONTAINER:
+            # argv[0] is the subcommand, which jobs/<job>.py prepends itself.
+            container["args"] = [*call.argv[1:], "--run-id", run_id]
+    return job
+
+
+# --- reading a Job's end ------------------------------------------------------------------
+
+
+def _conditions(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in (obj.get("status") or {}).get("conditions") or [] if isinstance(c, dict)]
+
+
+def job_state(job: Mapping[str, Any]) -> str | None:
+    """ "Complete", "Failed", or None while the Job runs (terminal conditions only)."""
+    for cond in _conditions(job):
+        if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
+            return str(cond["type"])
+    return None
+
+
+def failed_condition(job: Mapping[str, Any]) -> dict[str, Any]:
+    for cond in _conditions(job):
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            return cond
+    return {}
+
+
+def terminated(pod: Mapping[str, Any]) -> dict[str, Any]:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            state = status.get("state") or {}
+            last = status.get("lastState") or {}
+            return dict(state.get("terminated") or last.get("terminated") or {})
+    return {}
+
+
+def disrupted(pod: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in _conditions(pod)
+    )
+
+
+def last_failed_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"] or pods
+
+    def when(pod: dict[str, Any]) -> str:
+        return str(
+            terminated(pod).get("finishedAt")
+            or (pod.get("metadata") or {}).get("creationTimestamp")
+            or ""
+        )
+
+    return max(failed, key=when) if failed else None
+
+
+_EXIT_CODE_IN_MESSAGE = re.compile(r"failed with exit code (\d+)")
+
+
+def exit_code_in_message(message: str) -> int | None:
+    """The exit code a podFailurePolicy condition message names, if any."""
+    m = _EXIT_CODE_IN_MESSAGE.search(message)
+    return int(m.group(1)) if m else None
