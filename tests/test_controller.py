@@ -39,6 +39,7 @@ from skinlesion.pipeline import plan
 from skinlesion.stages import STAGE_BY_NAME, STAGES
 from skinlesion.storage import open_store
 from skinlesion.synthetic import write_sample_data
+from tests import jobshape
 from tests.kmock_server import FakeKubelet, KMock
 
 pytestmark = pytest.mark.kube
@@ -68,52 +69,7 @@ def raw_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def stage_job(stage: str) -> dict[str, Any]:
-    """A stage Job shape as the chart renders it: complete, without name and args."""
-    s = STAGE_BY_NAME[stage]
-    labels = {
-        "app.kubernetes.io/name": "skinlesion",
-        "app.kubernetes.io/instance": RELEASE,
-        "app.kubernetes.io/component": stage,
-    }
-    resources: dict[str, Any] = {"requests": {"cpu": "1", "memory": "2Gi"}}
-    if s.pool == "gpu":
-        resources["limits"] = {"nvidia.com/gpu": 1}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"namespace": NS, "labels": labels},
-        "spec": {
-            "backoffLimit": 1,
-            "activeDeadlineSeconds": 3600,
-            "ttlSecondsAfterFinished": 86400,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "Ignore",
-                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                    },
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": "stage", "operator": "In", "values": [2]},
-                    },
-                ]
-            },
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [
-                        {
-                            "name": "stage",
-                            "image": "skinlesion:test",
-                            "command": ["python", f"/app/jobs/{s.job}.py"],
-                            "resources": resources,
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return jobshape.stage_job(stage, NS, RELEASE)
 
 
 @pytest.fixture

@@ -35,10 +35,10 @@ from skinlesion import config, logs
 from skinlesion.controller import run_controller
 from skinlesion.kube import Kube
 from skinlesion.layout import RunLayout
-from skinlesion.stages import STAGE_BY_NAME, STAGES
+from skinlesion.stages import STAGES
 from skinlesion.storage import open_store
 from skinlesion.synthetic import write_sample_data
-from tests import s3server
+from tests import jobshape, s3server
 from tests.kmock_server import FakeKubelet, KMock
 
 NAMESPACE = "bench"
@@ -46,29 +46,7 @@ RELEASE = "sl"
 
 
 def _stage_job(stage: str) -> dict[str, Any]:
-    s = STAGE_BY_NAME[stage]
-    labels = {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": stage}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"namespace": NAMESPACE, "labels": labels},
-        "spec": {
-            "backoffLimit": 1,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [
-                        {
-                            "name": "stage",
-                            "image": "skinlesion:bench",
-                            "command": ["python", f"/app/jobs/{s.job}.py"],
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return jobshape.stage_job(stage, NAMESPACE, RELEASE, image="skinlesion:bench")
 
 
 def _one_run(km: KMock, stages: Path, store: str, raw: str, run_id: str) -> dict[str, list[float]]:
@@ -142,7 +120,14 @@ def run() -> dict[str, Any]:
                 {
                     "release": RELEASE,
                     "namespace": NAMESPACE,
-                    "stages": {s.name: {"job": _stage_job(s.name)} for s in STAGES},
+                    "stages": {
+                        s.name: {
+                            "job": jobshape.stage_job(
+                                s.name, NAMESPACE, RELEASE, "skinlesion:bench"
+                            )
+                        }
+                        for s in STAGES
+                    },
                 }
             )
         )
