@@ -19,15 +19,15 @@ from skinlesion.config import (
     PrepareConfig,
     PromoteConfig,
     TrainConfig,
-    add_flags,
     build,
     load_pipeline,
     parse_overrides,
     section_from_args,
     to_dict,
-    to_flags,
 )
 from skinlesion.errors import ConfigError, InputError
+from skinlesion.fields import add_flags, changes_output, field_doc, to_flags
+from skinlesion.stages import STAGES
 
 SECTIONS: dict[str, type] = {
     "prepare": PrepareConfig,
@@ -445,3 +445,25 @@ def test_stage_settings_are_the_pinned_fields(stage: str, preset: str) -> None:
     assert isinstance(section, cls)
     values = to_dict(section)
     assert config.stage_settings(stage, section) == {n: values[n] for n in names}
+
+
+@pytest.mark.parametrize("stage", list(FINGERPRINT_FIELDS))
+def test_fingerprint_fields_come_from_the_field_metadata(stage: str) -> None:
+    cls, names = FINGERPRINT_FIELDS[stage]
+    assert [f.name for f in dataclasses.fields(cls) if changes_output(f, stage)] == names
+
+
+def test_output_metadata_names_only_stages_that_read_the_section() -> None:
+    assert list(FINGERPRINT_FIELDS) == [s.name for s in STAGES]
+    for cls in SECTIONS.values():
+        readers = {stage for stage, (c, _) in FINGERPRINT_FIELDS.items() if c is cls}
+        for f in dataclasses.fields(cls):
+            output = f.metadata["output"]
+            assert isinstance(output, bool) or set(output) <= readers, (cls.__name__, f.name)
+
+
+def test_every_field_is_described() -> None:
+    classes = [PipelineConfig, *SECTIONS.values()]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.name in SECTIONS or field_doc(f), (cls.__name__, f.name)
