@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from skinlesion import userinput
+from skinlesion.backbones import BACKBONES
 from skinlesion.classes import CLASSES
 from skinlesion.errors import ConfigError, InputError
 from skinlesion.fields import build, changes_output, check_ranges, parse_overrides, setting, to_dict
@@ -24,7 +25,6 @@ from skinlesion.fields import build, changes_output, check_ranges, parse_overrid
 SEED_MAX = 2**32 - 1
 MAX_EPOCHS = 10_000
 MAX_IMAGES = 10_000_000
-BACKBONES = ("resnet152", "resnet50", "efficientnetb0", "mobilenetv3small")
 SEED, EPOCHS, SHARD = f"[0, {SEED_MAX}]", f"[1, {MAX_EPOCHS}]", "[1, 1000000]"  # shared ranges
 # The two stages reading the train section: the head alone, then fine-tuning the last block.
 TOP, FINETUNE = ("train",), ("finetune",)
@@ -74,9 +74,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    backbone: Literal["resnet152", "resnet50", "efficientnetb0", "mobilenetv3small"] = setting(
-        "resnet152", "the keras.applications base"
-    )
+    backbone: str = setting("resnet152", "the keras.applications base", choices=tuple(BACKBONES))
     weights: str = setting(
         "imagenet", "imagenet, none (random) or the store URI of a .weights.h5 file of the base"
     )
