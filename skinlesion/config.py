@@ -34,7 +34,7 @@ C = TypeVar("C")
 @dataclass(frozen=True)
 class PrepareConfig:
     split: Literal["lesion", "seed"] = setting(
-        "lesion", "lesion: grouped by lesion (default); seed: the reference's image-level split"
+        "lesion", "lesion: grouped by lesion; seed: the reference's image-level split"
     )
     val_fraction: float = setting(0.2, "share of the data held out for validation", "(0, 1)")
     seed: int = setting(101, "seed of the split", SEED)
