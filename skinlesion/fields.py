@@ -2,7 +2,8 @@
 
 A field declared with `setting` carries a description, its range (numbers), its choices
 (strings) and which stages' outputs it changes; validation, CLI flags, fingerprints and
-the chart's values schema all read them from here. Nothing here knows the pipeline.
+the chart's values schema (tests/chart_schema.py) read them. Nothing here knows the
+pipeline.
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ def setting(
     choices: tuple[str, ...] | None = None,
     output: bool | tuple[str, ...] = True,
 ) -> Any:
-    """A config field with its description. `within`: its range (`Range.parse`; every int
-    field has one). `choices`: the values of a str field (read as a Literal of them) or
-    of a tuple field's items. `output`: whether it changes the outputs of the stages that
-    read its section (True), of none (False: only how fast the work runs) or only of the
-    stages named."""
+    """A config field with its description. `within`: its range (`Range.parse`), checked
+    by `check_ranges`. `choices`: the values of a str field (it reads as a Literal of
+    them) or of a tuple field's items (for the chart's schema; the section's validate
+    checks those). `output`: whether it changes the outputs of the stages that read its
+    section (True), of none (False: only how fast the work runs) or only of those named."""
     meta = {"doc": doc, "range": Range.parse(within) if within else None, "choices": choices}
     return field(default=default, metadata={**meta, "output": output})
 
