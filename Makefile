@@ -18,7 +18,7 @@ NAMESPACE ?= skinlesion
 RELEASE ?= skinlesion
 VALUES ?= charts/skinlesion/values-kind.yaml
 
-.PHONY: help setup setup-dev lock run test check lint fmt bench image image-gpu docker-engine base-image \
+.PHONY: help setup setup-dev lock schema run test check lint fmt bench image image-gpu docker-engine base-image \
 	kind-up deploy kind-test clean
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make test     set up .venv with dev tools and run every test"
 	@echo "make check    ruff, mypy, import contracts and the fast tests"
 	@echo "make bench    benchmarks -> $(BENCH_JSON)"
+	@echo "make schema   regenerate the chart parts that mirror the code (schema, stage list)"
 	@echo "make image | kind-up | deploy | kind-test   Kubernetes (needs docker, kind, helm)"
 
 # Every install takes its versions from the lock file (constraints.txt), as the image does:
@@ -45,6 +46,11 @@ $(VENV)/.dev: $(VENV)/.runtime
 # `pip install` the new versions into .venv, then run this; the GPU section needs the index).
 lock: setup-dev
 	$(PY) -m tests.lockfile
+
+# The chart's values schema (pipeline and stages parts) and templates/_stages.tpl, generated
+# from skinlesion/config.py and skinlesion/stages.py; tests/test_chart.py fails when stale.
+schema: setup-dev
+	$(PY) -m tests.chart_schema
 
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from skinlesion import config, logs, scratch
+from skinlesion import config, fields, logs, scratch
 from skinlesion.cli_controller import add_controller_arguments
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
@@ -72,7 +72,7 @@ def _stage_parser(
     if section is not None:
         p.add_argument("--config", help="YAML file: a pipeline config or this stage's section")
         p.add_argument("--force", action="store_true", help="redo even if already committed")
-        config.add_flags(p, section)
+        fields.add_flags(p, section)
     return p
 
 

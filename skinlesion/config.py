@@ -2,143 +2,152 @@
 
 Order of precedence: dataclass defaults -> named preset -> YAML file -> CLI
 flags. Every error names the offending field (`train.batch_size`). The
-resolved config is saved next to each stage's outputs.
+resolved config is saved next to each stage's outputs. Each field is declared
+with `fields.setting`: its description, range, choices and whether it changes
+a stage's output (the fingerprint) live on the field.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar
 
 from skinlesion import userinput
+from skinlesion.backbones import BACKBONES
 from skinlesion.classes import CLASSES
 from skinlesion.errors import ConfigError, InputError
+from skinlesion.fields import build, changes_output, check_ranges, parse_overrides, setting, to_dict
 
-BACKBONES = ("resnet152", "resnet50", "efficientnetb0", "mobilenetv3small")
 # Every int field has a range. Seeds go to numpy, which takes 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
 MAX_EPOCHS = 10_000
-MAX_SHARD = 1_000_000
 MAX_IMAGES = 10_000_000
+SEED, EPOCHS, SHARD = f"[0, {SEED_MAX}]", f"[1, {MAX_EPOCHS}]", "[1, 1000000]"  # shared ranges
+# The two stages reading the train section: the head alone, then fine-tuning the last block.
+TOP, FINETUNE = ("train",), ("finetune",)
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    split: Literal["lesion", "seed"] = "lesion"  # lesion-grouped (default) or the reference
-    val_fraction: float = 0.2
-    seed: int = 101
-    image_size: int = 224
-    resize: Literal["squash", "crop"] = "squash"  # squash = plain resize, crop = centre crop
-    on_bad_image: Literal["fail", "skip"] = "fail"
-    workers: int = 0  # 0 = one per CPU core
-    shard_size: int = 1000  # images per TFRecord shard
-    jpeg_quality: int = 95  # re-encoding quality of the resized images
+    split: Literal["lesion", "seed"] = setting(
+        "lesion", "lesion: grouped by lesion; seed: the reference's image-level split"
+    )
+    val_fraction: float = setting(0.2, "share of the data held out for validation", "(0, 1)")
+    seed: int = setting(101, "seed of the split", SEED)
+    image_size: int = setting(224, "side of the square images, in pixels", "[32, 1024]")
+    resize: Literal["squash", "crop"] = setting("squash", "squash: plain resize; crop: centre crop")
+    on_bad_image: Literal["fail", "skip"] = setting(
+        "fail", "an image that cannot be decoded fails the stage, or is skipped"
+    )
+    workers: int = setting(0, "processes; 0 = one per CPU core", "[0, 1024]", output=False)
+    shard_size: int = setting(1000, "images per TFRecord shard", SHARD)
+    jpeg_quality: int = setting(95, "re-encoding quality of the resized images", "[50, 100]")
 
-    def validate(self) -> None:
-        _check(0.0 < self.val_fraction < 1.0, "prepare.val_fraction", "must be in (0, 1)")
-        _in_range(self.seed, 0, SEED_MAX, "prepare.seed")
-        _in_range(self.image_size, 32, 1024, "prepare.image_size")
-        _in_range(self.workers, 0, 1024, "prepare.workers")
-        _in_range(self.shard_size, 1, MAX_SHARD, "prepare.shard_size")
-        _in_range(self.jpeg_quality, 50, 100, "prepare.jpeg_quality")
+    def validate(self, path: str) -> None:
+        check_ranges(self, path)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    enabled: bool = True  # false: train on the prepared set with class weights
-    target_per_class: int = 6000  # images per class after balancing (reference: ~6000)
-    scale_to_data: bool = True  # scale the target by train size / 8012 for small data
-    exclude: tuple[str, ...] = ("nv",)  # classes left as they are
-    seed: int = 0
-    flip: bool = True
-    rotation_deg: float = 20.0
-    shift: float = 0.1  # fraction of the image side
-    zoom: float = 0.1  # +/- fraction
-    shard_size: int = 1000
+    enabled: bool = setting(True, "false: train on the prepared set with class weights")
+    target_per_class: int = setting(
+        6000, "images per class after balancing (reference: ~6000)", f"[1, {MAX_IMAGES}]"
+    )
+    scale_to_data: bool = setting(True, "scale the target by train size / 8012 for small data")
+    exclude: tuple[str, ...] = setting(("nv",), "classes left as they are", choices=CLASSES)
+    seed: int = setting(0, "seed of the variants", SEED)
+    flip: bool = setting(True, "random horizontal and vertical flips")
+    rotation_deg: float = setting(20.0, "largest rotation, in degrees either way", "[0, 180]")
+    shift: float = setting(0.1, "largest shift, a fraction of the image side", "[0, 0.5)")
+    zoom: float = setting(0.1, "largest zoom in or out, a fraction", "[0, 0.5)")
+    shard_size: int = setting(1000, "images per TFRecord shard", SHARD)
 
-    def validate(self) -> None:
-        _in_range(self.target_per_class, 1, MAX_IMAGES, "augment.target_per_class")
-        _in_range(self.seed, 0, SEED_MAX, "augment.seed")
+    def validate(self, path: str) -> None:
+        check_ranges(self, path)
         for name in self.exclude:
-            _check(name in CLASSES, "augment.exclude", f"unknown class '{name}'")
-        _check(0 <= self.rotation_deg <= 180, "augment.rotation_deg", "must be in [0, 180]")
-        _check(0 <= self.shift < 0.5, "augment.shift", "must be in [0, 0.5)")
-        _check(0 <= self.zoom < 0.5, "augment.zoom", "must be in [0, 0.5)")
-        _in_range(self.shard_size, 1, MAX_SHARD, "augment.shard_size")
+            _check(name in CLASSES, f"{path}exclude", f"unknown class '{name}'")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    backbone: Literal["resnet152", "resnet50", "efficientnetb0", "mobilenetv3small"] = "resnet152"
-    weights: str = "imagenet"  # imagenet | none | store URI of a .weights.h5 file
-    batch_size: int = 32
-    top_epochs: int = 10
-    top_learning_rate: float = 0.001  # rmsprop, as the reference
-    finetune_epochs: int = 100
-    finetune_learning_rate: float = 0.0001  # Adam; the reference used 0.01
-    finetune_block: str = ""  # layer-name prefix to unfreeze; "" = the backbone's last block
-    patience_loss: int = 3  # EarlyStopping(val_loss)
-    patience_accuracy: int = 10  # EarlyStopping(val_accuracy)
-    class_weights: Literal["auto", "balanced", "none"] = "auto"  # auto: balanced if no augment
-    dense_units: int = 1000
-    dropout: float = 0.25
-    mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto: on when a GPU is visible
-    seed: int = 0
-    steps_per_epoch: int = 0  # 0 = one pass over the training data
-    # Learning rate over a phase's epochs: constant (the reference) or cosine decay to 1/10.
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    backbone: str = setting("resnet152", "the keras.applications base", choices=tuple(BACKBONES))
+    weights: str = setting(
+        "imagenet", "imagenet, none (random) or the store URI of a .weights.h5 file of the base"
+    )
+    batch_size: int = setting(32, "images per training step", "[1, 4096]")
+    top_epochs: int = setting(10, "epochs of the head alone", EPOCHS, output=TOP)
+    top_learning_rate: float = setting(
+        0.001, "RMSprop learning rate of the head, as the reference", "> 0", output=TOP
+    )
+    finetune_epochs: int = setting(
+        100, "epochs of fine-tuning; 0 = no finetune stage", f"[0, {MAX_EPOCHS}]", output=FINETUNE
+    )
+    finetune_learning_rate: float = setting(
+        0.0001, "Adam learning rate of fine-tuning; the reference used 0.01", "> 0", output=FINETUNE
+    )
+    finetune_block: str = setting(
+        "", "layer-name prefix to unfreeze; empty = the backbone's last block", output=FINETUNE
+    )
+    patience_loss: int = setting(3, "EarlyStopping patience on val_loss", EPOCHS)
+    patience_accuracy: int = setting(10, "EarlyStopping patience on val_accuracy", EPOCHS)
+    class_weights: Literal["auto", "balanced", "none"] = setting(
+        "auto", "auto: balanced when augment is off"
+    )
+    dense_units: int = setting(1000, "units of the head's dense layer", "[1, 65536]")
+    dropout: float = setting(0.25, "dropout rate of the head", "[0, 1)")
+    mixed_precision: Literal["auto", "on", "off"] = setting(
+        "auto", "auto: on when a GPU is visible"
+    )
+    seed: int = setting(0, "seed of weights and shuffling", SEED)
+    steps_per_epoch: int = setting(
+        0, "steps per epoch; 0 = one pass over the training data", f"[0, {MAX_IMAGES}]"
+    )
+    lr_schedule: Literal["constant", "cosine"] = setting(
+        "constant", "learning rate over a phase: constant (the reference) or cosine decay to 1/10"
+    )
 
-    def validate(self) -> None:
+    def validate(self, path: str) -> None:
+        check_ranges(self, path)
         w = self.weights
         _check(
             w in ("imagenet", "none") or "://" in w,
-            "train.weights",
+            f"{path}weights",
             "must be 'imagenet', 'none' or a store URI of a .weights.h5 file",
         )
         _check(
             w in ("imagenet", "none") or w.endswith(".weights.h5"),
-            "train.weights",
+            f"{path}weights",
             "a weights URI must end in .weights.h5",
         )
-        _in_range(self.batch_size, 1, 4096, "train.batch_size")
-        _in_range(self.top_epochs, 1, MAX_EPOCHS, "train.top_epochs")
-        _in_range(self.finetune_epochs, 0, MAX_EPOCHS, "train.finetune_epochs")
-        _check(self.top_learning_rate > 0, "train.top_learning_rate", "must be > 0")
-        _check(self.finetune_learning_rate > 0, "train.finetune_learning_rate", "must be > 0")
-        _in_range(self.patience_loss, 1, MAX_EPOCHS, "train.patience_loss")
-        _in_range(self.patience_accuracy, 1, MAX_EPOCHS, "train.patience_accuracy")
-        _in_range(self.dense_units, 1, 65536, "train.dense_units")
-        _check(0 <= self.dropout < 1, "train.dropout", "must be in [0, 1)")
-        _in_range(self.seed, 0, SEED_MAX, "train.seed")
-        _in_range(self.steps_per_epoch, 0, MAX_IMAGES, "train.steps_per_epoch")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = 64
-    ece_bins: int = 15
+    batch_size: int = setting(64, "images per prediction step", "[1, 4096]")
+    ece_bins: int = setting(15, "bins of the expected calibration error", "[2, 100]")
 
-    def validate(self) -> None:
-        _in_range(self.batch_size, 1, 4096, "evaluate.batch_size")
-        _in_range(self.ece_bins, 2, 100, "evaluate.ece_bins")
+    def validate(self, path: str) -> None:
+        check_ranges(self, path)
 
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    metric: Literal["balanced_accuracy", "macro_f1", "roc_auc_macro"] = "balanced_accuracy"
-    min_improvement: float = 0.0  # candidate must beat the champion by more than this
-    melanoma_recall_margin: float = 0.02  # largest allowed drop in melanoma recall
+    metric: Literal["balanced_accuracy", "macro_f1", "roc_auc_macro"] = setting(
+        "balanced_accuracy", "the metric a candidate is compared on"
+    )
+    min_improvement: float = setting(
+        0.0, "the candidate must beat the champion by more than this", ">= 0"
+    )
+    melanoma_recall_margin: float = setting(
+        0.02, "largest allowed drop in melanoma recall", "[0, 1]"
+    )
 
-    def validate(self) -> None:
-        _check(self.min_improvement >= 0, "promote.min_improvement", "must be >= 0")
-        _check(0 <= self.melanoma_recall_margin <= 1, "promote.melanoma_recall_margin", "in [0, 1]")
+    def validate(self, path: str) -> None:
+        check_ranges(self, path)
 
 
 @dataclass(frozen=True)
@@ -148,16 +157,27 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
-    retries: int = 2  # extra attempts per stage on failure (bad input is never retried)
-    synthetic_images: int = 1500  # size of the synthetic set when no raw data is given
+    retries: int = setting(
+        2, "extra attempts per stage on failure (bad input is never retried)", "[0, 10]"
+    )
+    synthetic_images: int = setting(
+        1500,
+        "size of the synthetic set when no raw data is given: from the generator's minimum"
+        f" (two lesions per class) to {MAX_IMAGES}",
+    )
 
     def validate(self) -> None:
-        for section in (self.prepare, self.augment, self.train, self.evaluate, self.promote):
-            section.validate()
-        _in_range(self.retries, 0, 10, "retries")
+        for f in dataclasses.fields(self):
+            if dataclasses.is_dataclass(section := getattr(self, f.name)):
+                section.validate(f"{f.name}.")  # type: ignore[union-attr]
+        check_ranges(self)
         from skinlesion.synthetic import MIN_IMAGES  # the generator's own lower bound
 
-        _in_range(self.synthetic_images, MIN_IMAGES, MAX_IMAGES, "synthetic_images")
+        _check(
+            MIN_IMAGES <= self.synthetic_images <= MAX_IMAGES,
+            "synthetic_images",
+            f"must be in [{MIN_IMAGES}, {MAX_IMAGES}], got {self.synthetic_images}",
+        )
 
 
 # Named presets: partial mappings applied over the defaults.
@@ -206,125 +226,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-C = TypeVar("C")
-_YAML_TRUE = ("on", "yes", "true")
-_YAML_FALSE = ("off", "no", "false")
-
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(name, message)
-
-
-def _in_range(value: int, low: int, high: int, name: str) -> None:
-    _check(low <= value <= high, name, f"must be in [{low}, {high}], got {value}")
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Convert a YAML/CLI value to the annotated type, or fail naming the field."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        choices = get_args(hint)
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no/true/false as booleans
-            words = _YAML_TRUE if value else _YAML_FALSE
-            named = [c for c in choices if isinstance(c, str) and c.lower() in words]
-            value = named[0] if len(named) == 1 else value
-        if value not in choices:
-            raise ConfigError(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in (p.strip() for p in value.split(",")) if v]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(name, f"must be a list, got {value!r}")
-        return tuple(_coerce(v, get_args(hint)[0], name) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(name, "union types are not supported in config")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(name, f"must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(name, f"must be an integer, got {value!r}")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(name, f"must be an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(name, f"must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(name, f"must be a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(name, f"must be a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(name, f"must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(name, f"unsupported type {hint!r}")
-
-
-def build(
-    cls: type[C], values: Mapping[str, Any] | None, base: C | None = None, path: str = ""
-) -> C:
-    """Build a (nested) config dataclass from a mapping over `base` (or the defaults)."""
-    values = values or {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(path.rstrip(".") or "<root>", f"must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for key in values:
-        if key not in fields:
-            name = f"{path}{key}"
-            raise ConfigError(name, f"unknown field (known: {', '.join(sorted(fields))})")
-    current = base if base is not None else cls()
-    changes: dict[str, Any] = {}
-    for key, value in values.items():
-        hint = hints[key]
-        name = f"{path}{key}"
-        if dataclasses.is_dataclass(hint):
-            changes[key] = build(hint, value, getattr(current, key), f"{name}.")  # type: ignore[arg-type]
-        else:
-            changes[key] = _coerce(value, hint, name)
-    return dataclasses.replace(current, **changes)  # type: ignore[type-var]
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, JSON/YAML-friendly dict (tuples become lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`train.batch_size=16` pairs to a nested mapping (values parsed as YAML scalars)."""
-    tree: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(pair, "override must look like section.field=value")
-        dotted, raw = pair.split("=", 1)
-        node = tree
-        parts = dotted.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):  # "train=1" and then "train.batch_size=2"
-                raise ConfigError(dotted.strip(), f"'{part}' was already given a value")
-        node[parts[-1]] = userinput.parse_yaml(raw, f"--set {pair}") if raw else ""
-    return tree
 
 
 def load_pipeline(
@@ -352,35 +257,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# --- CLI flags for one stage section -----------------------------------------------------
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--field-name` flag per field of a flat config dataclass (values stay strings)."""
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} (override the config file)")
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        hint = hints[f.name]
-        extra = ""
-        if get_origin(hint) is Literal:
-            extra = " {" + ",".join(map(str, get_args(hint))) + "}"
-        default = getattr(cls(), f.name)
-        group.add_argument(
-            flag_name(f.name),
-            dest=f"cfg_{f.name}",
-            default=None,
-            metavar="VALUE",
-            help=f"{hint.__name__ if isinstance(hint, type) else 'choice'}{extra}; "
-            f"default {default!r}",
-        )
-
-
 def section_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C:
     """Defaults -> `--config` file (its `section` part, or the whole file) -> flags."""
     cfg = cls()
@@ -397,34 +273,14 @@ def section_from_args(cls: type[C], args: argparse.Namespace, section: str) -> C
         if getattr(args, f"cfg_{f.name}", None) is not None
     }
     cfg = build(cls, flags, cfg, f"{section}.")
-    cfg.validate()  # type: ignore[attr-defined]
+    cfg.validate(f"{section}.")  # type: ignore[attr-defined]
     return cfg
 
 
-def to_flags(cfg: Any) -> list[str]:
-    """The inverse of `add_flags`: a section as CLI flags (used to build stage commands)."""
-    argv: list[str] = []
-    for key, value in to_dict(cfg).items():
-        if isinstance(value, list):
-            value = ",".join(map(str, value))
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        argv += [flag_name(key), str(value)]
-    return argv
-
-
 # --- which settings change a stage's output (its fingerprint) ----------------------------
-
-_NOT_OUTPUT_AFFECTING = {"prepare": ("workers",)}
 
 
 def stage_settings(stage: str, section: Any) -> dict[str, Any]:
     """The settings that go into a stage's fingerprint (fields that change its output)."""
     values = to_dict(section)
-    for name in _NOT_OUTPUT_AFFECTING.get(stage, ()):
-        values.pop(name, None)
-    if stage == "train":
-        values = {k: v for k, v in values.items() if not k.startswith("finetune_")}
-    elif stage == "finetune":
-        values = {k: v for k, v in values.items() if not k.startswith("top_")}
-    return values
+    return {f.name: values[f.name] for f in dataclasses.fields(section) if changes_output(f, stage)}

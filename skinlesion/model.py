@@ -18,7 +18,7 @@ whole base is trained, with BatchNorm in training mode) or the store URI of a
 `save_base_weights` / `python -m skinlesion.model mirror ...`).
 
 Fine-tuning unfreezes the backbone's last block, selected by layer-name
-prefixes (LAST_BLOCK); BatchNorm layers stay frozen, hence in inference mode.
+prefixes (skinlesion/backbones.py); BatchNorm layers stay frozen, hence in inference mode.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import argparse
 import tempfile
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skinlesion import logs
+from skinlesion.backbones import BACKBONES, Backbone
 from skinlesion.classes import NUM_CLASSES
 from skinlesion.config import TrainConfig
 from skinlesion.errors import InputError, SkinlesionError
@@ -39,31 +39,6 @@ from skinlesion.storage import Store, open_store
 
 SCRATCH_BN_MOMENTUM = 0.9  # BatchNorm momentum of a base trained from random weights
 HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "predictions")
-
-
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    constructor: str  # attribute of keras.applications
-    module: str  # keras.applications.<module> holding preprocess_input
-    last_block: tuple[str, ...]  # layer-name prefixes of the block fine-tuning unfreezes
-
-
-# Last blocks: ResNets: stage conv5 (3 bottleneck blocks; layer 483 of 514 in the
-# reference's ResNet152). EfficientNetB0: block7a (the last MBConv) and the top 1x1 conv
-# + BN. MobileNetV3Small: expanded_conv_10 (the last inverted-residual block) and the
-# final 1x1 conv `conv_1` + BN.
-BACKBONES: dict[str, Backbone] = {
-    b.name: b
-    for b in (
-        Backbone("resnet152", "ResNet152", "resnet", ("conv5_",)),
-        Backbone("resnet50", "ResNet50", "resnet", ("conv5_",)),
-        Backbone("efficientnetb0", "EfficientNetB0", "efficientnet", ("block7a_", "top_")),
-        Backbone(
-            "mobilenetv3small", "MobileNetV3Small", "mobilenet_v3", ("expanded_conv_10_", "conv_1")
-        ),
-    )
-}
 
 # EfficientNet built with weights="imagenet" gets an extra Rescaling after its
 # Normalization layer (keras issue tensorflow#49930); a base built without it and loaded

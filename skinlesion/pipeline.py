@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 from skinlesion import config, logs, runlock
 from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
+from skinlesion.fields import to_flags
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import fingerprint, input_fingerprints, is_done
 from skinlesion.stages import INPUTS, STAGES, Stage
@@ -91,7 +92,7 @@ def plan(
                     *extra.get(stage.name, ()),
                     "--out",
                     uri(stage.name),
-                    *config.to_flags(section),
+                    *to_flags(section),
                 ),
                 out_uri=uri(stage.name),
                 settings=stage_settings(stage.name, section),

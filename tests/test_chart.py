@@ -24,7 +24,7 @@ from skinlesion.classes import CLASSES
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, EXIT_RUN_LOCKED
 from skinlesion.stages import STAGE_BY_NAME, STAGES
 from tests import chart_render as cr
-from tests import lockfile
+from tests import chart_schema, lockfile
 from tests.chart_render import Rendered, containers, job_spec, pod_spec
 
 GPU = "nvidia.com/gpu"
@@ -679,6 +679,13 @@ def test_pipeline_schema_mirrors_config_py() -> None:
     assert pipeline["properties"]["preset"]["enum"] == list(config.PRESETS)
     exclude = resolve(pipeline["properties"]["augment"])["properties"]["exclude"]
     assert exclude["items"]["enum"] == list(CLASSES)
+
+
+def test_generated_chart_parts_are_up_to_date() -> None:
+    """The schema's pipeline and stages parts and templates/_stages.tpl are what `make schema`
+    generates from skinlesion/config.py and skinlesion/stages.py STAGES."""
+    for path, text in chart_schema.generated().items():
+        assert path.read_text() == text, f"{path.relative_to(cr.ROOT)} is stale: run make schema"
 
 
 def test_every_object_in_the_schema_forbids_unknown_keys() -> None:

@@ -19,15 +19,15 @@ from skinlesion.config import (
     PrepareConfig,
     PromoteConfig,
     TrainConfig,
-    add_flags,
     build,
     load_pipeline,
     parse_overrides,
     section_from_args,
     to_dict,
-    to_flags,
 )
 from skinlesion.errors import ConfigError, InputError
+from skinlesion.fields import add_flags, changes_output, field_doc, to_flags
+from skinlesion.stages import STAGES
 
 SECTIONS: dict[str, type] = {
     "prepare": PrepareConfig,
@@ -359,3 +359,111 @@ def test_configs_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.batch_size = 1  # type: ignore[misc]
     assert config.to_dict(cfg)["augment"]["exclude"] == ["nv"]  # tuples become lists
+
+
+# --- which fields feed each stage's fingerprint (config.stage_settings) -------------------
+
+# Pinned: a field joining or leaving this list changes the fingerprints of finished stages.
+FINGERPRINT_FIELDS: dict[str, tuple[type, list[str]]] = {
+    "prepare": (
+        PrepareConfig,
+        [
+            "split",
+            "val_fraction",
+            "seed",
+            "image_size",
+            "resize",
+            "on_bad_image",
+            "shard_size",
+            "jpeg_quality",
+        ],
+    ),
+    "augment": (
+        AugmentConfig,
+        [
+            "enabled",
+            "target_per_class",
+            "scale_to_data",
+            "exclude",
+            "seed",
+            "flip",
+            "rotation_deg",
+            "shift",
+            "zoom",
+            "shard_size",
+        ],
+    ),
+    "train": (
+        TrainConfig,
+        [
+            "backbone",
+            "weights",
+            "batch_size",
+            "top_epochs",
+            "top_learning_rate",
+            "patience_loss",
+            "patience_accuracy",
+            "class_weights",
+            "dense_units",
+            "dropout",
+            "mixed_precision",
+            "seed",
+            "steps_per_epoch",
+            "lr_schedule",
+        ],
+    ),
+    "finetune": (
+        TrainConfig,
+        [
+            "backbone",
+            "weights",
+            "batch_size",
+            "finetune_epochs",
+            "finetune_learning_rate",
+            "finetune_block",
+            "patience_loss",
+            "patience_accuracy",
+            "class_weights",
+            "dense_units",
+            "dropout",
+            "mixed_precision",
+            "seed",
+            "steps_per_epoch",
+            "lr_schedule",
+        ],
+    ),
+    "evaluate": (EvaluateConfig, ["batch_size", "ece_bins"]),
+    "promote": (PromoteConfig, ["metric", "min_improvement", "melanoma_recall_margin"]),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("stage", list(FINGERPRINT_FIELDS))
+def test_stage_settings_are_the_pinned_fields(stage: str, preset: str) -> None:
+    cls, names = FINGERPRINT_FIELDS[stage]
+    section = getattr(load_pipeline(preset), "train" if stage == "finetune" else stage)
+    assert isinstance(section, cls)
+    values = to_dict(section)
+    assert config.stage_settings(stage, section) == {n: values[n] for n in names}
+
+
+@pytest.mark.parametrize("stage", list(FINGERPRINT_FIELDS))
+def test_fingerprint_fields_come_from_the_field_metadata(stage: str) -> None:
+    cls, names = FINGERPRINT_FIELDS[stage]
+    assert [f.name for f in dataclasses.fields(cls) if changes_output(f, stage)] == names
+
+
+def test_output_metadata_names_only_stages_that_read_the_section() -> None:
+    assert list(FINGERPRINT_FIELDS) == [s.name for s in STAGES]
+    for cls in SECTIONS.values():
+        readers = {stage for stage, (c, _) in FINGERPRINT_FIELDS.items() if c is cls}
+        for f in dataclasses.fields(cls):
+            output = f.metadata["output"]
+            assert isinstance(output, bool) or set(output) <= readers, (cls.__name__, f.name)
+
+
+def test_every_field_is_described() -> None:
+    classes = [PipelineConfig, *SECTIONS.values()]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.name in SECTIONS or field_doc(f), (cls.__name__, f.name)

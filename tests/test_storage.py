@@ -18,7 +18,6 @@ import pytest
 import structlog
 from botocore.retries.standard import ExponentialBackoff
 
-from skinlesion import storage
 from skinlesion.errors import InputError, StoreError
 from skinlesion.storage import (
     FileStore,
@@ -31,6 +30,7 @@ from skinlesion.storage import (
     put_json,
     sha256_file,
 )
+from skinlesion.storage import s3 as s3_backend
 from tests.faultproxy import FaultProxy
 from tests.s3server import S3Server
 
@@ -329,7 +329,7 @@ def test_s3_writes_sha256_metadata(s3_store: S3Store, s3_server: S3Server, tmp_p
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shorten the waits, not the number of attempts (botocore's and ours)."""
-    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.001)
+    monkeypatch.setattr(s3_backend, "RETRY_BASE_S", 0.001)
     monkeypatch.setitem(ExponentialBackoff._DEFAULT_BACKOFF_CONFIG, "throttling_base_scale", 0.01)
 
 
@@ -403,7 +403,7 @@ def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
 @pytest.fixture
 def via_proxy(s3_store: S3Store, proxy: FaultProxy, fast_backoff: None) -> S3Store:
     """The test's S3 prefix, reached through the fault proxy by the store's own client."""
-    return S3Store(s3_store.bucket, s3_store.prefix, storage._s3_client(endpoint=proxy.url))
+    return S3Store(s3_store.bucket, s3_store.prefix, s3_backend._s3_client(endpoint=proxy.url))
 
 
 def _outcomes(proxy: FaultProxy, method: str | None = None) -> list[str]:
@@ -479,7 +479,7 @@ def test_s3_permanent_failure_is_store_error_after_retries(
         with pytest.raises(StoreError) as info:
             op()
         assert not isinstance(info.value, InputError)  # transient: the stage may retry
-        assert len(proxy.requests) - before == storage.ATTEMPTS  # botocore's attempts
+        assert len(proxy.requests) - before == s3_backend.ATTEMPTS  # botocore's attempts
 
 
 @pytest.mark.s3
@@ -530,10 +530,10 @@ def test_s3_permanently_corrupt_body_is_never_returned(
 ) -> None:
     via_proxy.put_bytes("obj.bin", _blob(10_000, seed=7))
     proxy.corrupt(1000, strip_checksums=strip)
-    with pytest.raises(StoreError, match=f"after {storage.ATTEMPTS} attempts"):
+    with pytest.raises(StoreError, match=f"after {s3_backend.ATTEMPTS} attempts"):
         via_proxy.get_bytes("obj.bin")
     dest = tmp_path / "dl" / "obj.bin"
-    with pytest.raises(StoreError, match=f"after {storage.ATTEMPTS} attempts"):
+    with pytest.raises(StoreError, match=f"after {s3_backend.ATTEMPTS} attempts"):
         via_proxy.get_file("obj.bin", dest)
     assert os.listdir(dest.parent) == []  # no file, no temp file
-    assert _outcomes(proxy, "GET").count("corrupt") == 2 * storage.ATTEMPTS
+    assert _outcomes(proxy, "GET").count("corrupt") == 2 * s3_backend.ATTEMPTS

@@ -250,20 +250,10 @@ rules:
       values: [2, 3, 4]
 {{- end }}
 
-{{/* The jobs/ entrypoint of each stage (finetune is the train entrypoint, phase finetune). */}}
-{{- define "skinlesion.stageEntrypoints" -}}
-prepare: prepare
-augment: augment
-train: train
-finetune: train
-evaluate: evaluate
-promote: promote
-{{- end }}
-
 {{/*
 A complete batch/v1 Job for one stage, without a name and without args: the
 controller names it <release>-<stage>-<run-id>[-<attempt>] and appends the
-stage's arguments. (dict "root" $ "stage" "<stage>")
+stage's arguments. (dict "root" $ "stage" "<stage>"; entrypoints: _stages.tpl)
 */}}
 {{- define "skinlesion.stageJob" -}}
 {{- $root := .root }}
