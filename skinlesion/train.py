@@ -228,13 +228,7 @@ def _shard_count(manifest: dict[str, Any], split: str) -> int:
 
 
 def _label_counts(paths: list[Path]) -> list[int]:
-    import tensorflow as tf
-
-    feature = {"label": tf.io.FixedLenFeature([], tf.int64)}
-    ds = tf.data.TFRecordDataset([str(p) for p in paths]).map(
-        lambda r: tf.io.parse_single_example(r, feature)["label"]
-    )
-    labels = np.concatenate([b for b in ds.batch(8192).as_numpy_iterator()] or [np.zeros(0)])
+    labels = shards.labels(paths)
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise InputError(f"training labels out of range 0..{NUM_CLASSES - 1}")
     return [int(n) for n in np.bincount(labels.astype(np.int64), minlength=NUM_CLASSES)]
