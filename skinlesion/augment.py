@@ -27,9 +27,7 @@ import heapq
 import io
 import json
 import math
-import os
 import struct
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ from skinlesion import config, logs, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.config import AugmentConfig, to_dict
 from skinlesion.errors import DataError
-from skinlesion.manifest import commit_stage, input_fingerprints
+from skinlesion.manifest import commit_stage, input_fingerprints, scratch_dir
 from skinlesion.storage import Store
 
 STAGE = "augment"
@@ -326,9 +324,8 @@ def run_augment(
     def body(work: Path) -> dict[str, Any]:
         from skinlesion.plots import augment as plots
 
-        scratch = os.environ.get("SKINLESION_SCRATCH") or None
-        with tempfile.TemporaryDirectory(prefix="skinlesion-augment-in-", dir=scratch) as tmp:
-            paths, prep = shards.fetch_split(prepared, "train", Path(tmp))
+        with scratch_dir("skinlesion-augment-in-") as tmp:
+            paths, prep = shards.fetch_split(prepared, "train", tmp)
             quality = int(prep.get("settings", {}).get("jpeg_quality", DEFAULT_JPEG_QUALITY))
             with SourceIndex(paths) as index:
                 before = index.counts()

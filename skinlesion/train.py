@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -45,6 +43,7 @@ from skinlesion.manifest import (
     fingerprint,
     input_fingerprints,
     require_manifest,
+    scratch_dir,
 )
 from skinlesion.plots.training import training_curves
 from skinlesion.storage import Store, get_json, put_json
@@ -424,10 +423,8 @@ class _Trainer:
     def run(self, work: Path) -> dict[str, Any]:
         if self.total_epochs < 1:
             raise InputError(f"train.{self.phase}_epochs is 0: nothing to train")
-        scratch = os.environ.get("SKINLESION_SCRATCH") or None
         previous_policy = keras.mixed_precision.global_policy()
-        with tempfile.TemporaryDirectory(prefix="skinlesion-train-", dir=scratch) as tmp_name:
-            tmp = Path(tmp_name)
+        with scratch_dir("skinlesion-train-") as tmp:
             try:
                 return self._run(work, tmp)
             finally:
