@@ -135,7 +135,7 @@ class ShardWriter:
 
 
 def iter_examples(paths: list[Path]) -> Iterator[Example]:
-    """Every example of the shards, in order (for augment and evaluation ids)."""
+    """Every example of the shards, in order."""
     tf = _tf()
     for raw in tf.data.TFRecordDataset([str(p) for p in paths]):
         yield _example({name: value.numpy() for name, value in parse(raw).items()})

@@ -68,6 +68,8 @@ def fresh_state(fp: str, phase: Phase, init: InitModel | None, val_fingerprint: 
 
 
 class Trainer:
+    """One attempt at a phase, from what it works with; `run` once."""
+
     def __init__(
         self,
         cfg: config.TrainConfig,
