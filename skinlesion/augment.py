@@ -213,18 +213,6 @@ def record_offsets(path: Path) -> list[tuple[int, int]]:
     return out
 
 
-def _parse(raw: bytes) -> shards.Example:
-    import tensorflow as tf
-
-    feats = tf.train.Example.FromString(raw).features.feature
-    return shards.Example(
-        jpeg=feats["image"].bytes_list.value[0],
-        label=int(feats["label"].int64_list.value[0]),
-        image_id=feats["image_id"].bytes_list.value[0].decode(),
-        lesion_id=feats["lesion_id"].bytes_list.value[0].decode(),
-    )
-
-
 class SourceIndex:
     """Per-class (shard, offset, length) of the train records: all that pass 2 keeps."""
 
@@ -259,7 +247,7 @@ class SourceIndex:
         if fh is None:
             fh = self._files[shard] = open(self.paths[shard], "rb")  # noqa: SIM115
         fh.seek(start)
-        ex = _parse(fh.read(length))
+        ex = shards.decode(fh.read(length))
         if ex.label != label:
             raise DataError(f"{self.paths[shard].name}: record at byte {start} changed")
         return ex

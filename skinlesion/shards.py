@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
+
 from skinlesion.errors import InputError
 from skinlesion.manifest import require_manifest
 from skinlesion.storage import Store
@@ -33,20 +35,60 @@ def _tf() -> Any:
     return tf
 
 
+# The TFRecord schema: feature name -> value type (a tf.train.Feature list kind).
+FEATURES: dict[str, str] = {
+    "image": "bytes",  # JPEG
+    "label": "int64",
+    "image_id": "bytes",
+    "lesion_id": "bytes",
+}
+
+
+def _values(ex: Example) -> dict[str, bytes | int]:
+    return {
+        "image": ex.jpeg,
+        "label": ex.label,
+        "image_id": ex.image_id.encode(),
+        "lesion_id": ex.lesion_id.encode(),
+    }
+
+
+def _example(values: dict[str, Any]) -> Example:
+    return Example(
+        jpeg=bytes(values["image"]),
+        label=int(values["label"]),
+        image_id=values["image_id"].decode(),
+        lesion_id=values["lesion_id"].decode(),
+    )
+
+
 def encode(ex: Example) -> bytes:
     tf = _tf()
-    feat = tf.train.Feature
-    proto = tf.train.Example(
-        features=tf.train.Features(
-            feature={
-                "image": feat(bytes_list=tf.train.BytesList(value=[ex.jpeg])),
-                "label": feat(int64_list=tf.train.Int64List(value=[ex.label])),
-                "image_id": feat(bytes_list=tf.train.BytesList(value=[ex.image_id.encode()])),
-                "lesion_id": feat(bytes_list=tf.train.BytesList(value=[ex.lesion_id.encode()])),
-            }
-        )
-    )
+    lists = {"bytes": tf.train.BytesList, "int64": tf.train.Int64List}
+    values = _values(ex)
+    feature = {
+        name: tf.train.Feature(**{f"{kind}_list": lists[kind](value=[values[name]])})
+        for name, kind in FEATURES.items()
+    }
+    proto = tf.train.Example(features=tf.train.Features(feature=feature))
     return bytes(proto.SerializeToString())
+
+
+def parse(serialized: Any, names: tuple[str, ...] = tuple(FEATURES)) -> dict[str, Any]:
+    """The features `names` of a serialized example, as tensors (in tf.data maps or eagerly)."""
+    tf = _tf()
+    dtypes = {"bytes": tf.string, "int64": tf.int64}
+    spec = {name: tf.io.FixedLenFeature([], dtypes[FEATURES[name]]) for name in names}
+    return dict(tf.io.parse_single_example(serialized, spec))
+
+
+def decode(serialized: bytes) -> Example:
+    """One serialized example, parsed in Python: for records read one at a time, where an
+    eager `parse` would cost a TF op each."""
+    feature = _tf().train.Example.FromString(serialized).features.feature
+    return _example(
+        {name: getattr(feature[name], f"{kind}_list").value[0] for name, kind in FEATURES.items()}
+    )
 
 
 class ShardWriter:
@@ -92,32 +134,21 @@ class ShardWriter:
         self.close()
 
 
-_FEATURES: dict[str, Any] = {}
-
-
-def _features() -> dict[str, Any]:
-    if not _FEATURES:
-        tf = _tf()
-        _FEATURES.update(
-            image=tf.io.FixedLenFeature([], tf.string),
-            label=tf.io.FixedLenFeature([], tf.int64),
-            image_id=tf.io.FixedLenFeature([], tf.string),
-            lesion_id=tf.io.FixedLenFeature([], tf.string),
-        )
-    return _FEATURES
-
-
 def iter_examples(paths: list[Path]) -> Iterator[Example]:
-    """Every example of the shards, in order (for augment and evaluation ids)."""
+    """Every example of the shards, in order."""
     tf = _tf()
     for raw in tf.data.TFRecordDataset([str(p) for p in paths]):
-        parsed = tf.io.parse_single_example(raw, _features())
-        yield Example(
-            jpeg=parsed["image"].numpy(),
-            label=int(parsed["label"].numpy()),
-            image_id=parsed["image_id"].numpy().decode(),
-            lesion_id=parsed["lesion_id"].numpy().decode(),
-        )
+        yield _example({name: value.numpy() for name, value in parse(raw).items()})
+
+
+def labels(paths: list[Path]) -> np.ndarray:
+    """The label of every example of the shards, in order."""
+    tf = _tf()
+    ds = tf.data.TFRecordDataset([str(p) for p in paths]).map(
+        lambda raw: parse(raw, ("label",))["label"]
+    )
+    batches = list(ds.batch(8192).as_numpy_iterator())
+    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
 
 
 def dataset(
@@ -137,12 +168,12 @@ def dataset(
     if repeat:
         ds = ds.repeat()
 
-    def parse(raw: Any) -> Any:
-        ex = tf.io.parse_single_example(raw, _features())
+    def image_and_label(raw: Any) -> Any:
+        ex = parse(raw)
         image = tf.cast(tf.io.decode_jpeg(ex["image"], channels=3), tf.float32)
         return image, tf.one_hot(ex["label"], num_classes)
 
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(image_and_label, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -51,6 +51,7 @@ def test_the_package_keeps_every_contract(tree: Path) -> None:
         ("skinlesion/train.py", "import skinlesion.controller", "never import the CLI"),
         ("skinlesion/prepare.py", "from skinlesion import kube_executor", "never import the CLI"),
         ("skinlesion/predict.py", "from skinlesion import pipeline", "the orchestrator"),
+        ("skinlesion/trainer.py", "from skinlesion import pipeline", "the orchestrator"),
     ],
 )
 def test_a_forbidden_import_fails_its_contract(

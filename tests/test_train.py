@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
-from skinlesion import config, shards
+from skinlesion import config, shards, train_data
 from skinlesion import model as model_lib
 from skinlesion import train as train_lib
+from skinlesion import trainer as trainer_lib
 from skinlesion.classes import CLASSES
 from skinlesion.errors import InputError, Terminated
 from skinlesion.manifest import STATE_PREFIX, claim, commit_stage
@@ -156,7 +157,7 @@ def test_balanced_class_weights_match_sklearn() -> None:
     labels = np.repeat(np.arange(7), counts)
     present = np.unique(labels)
     expected = compute_class_weight("balanced", classes=present, y=labels)
-    got = train_lib.balanced_class_weights(counts)
+    got = train_data.balanced_class_weights(counts)
     assert sorted(got) == list(present)
     np.testing.assert_allclose([got[int(c)] for c in present], expected)
 
@@ -253,13 +254,13 @@ def test_interrupted_finetune_resumes_and_keeps_the_init_model_when_nothing_beat
     weights."""
     cfg = dataclasses.replace(top_run["cfg"], finetune_learning_rate=1e-9)
     out = open_store(top_run["out"].uri.rsplit("/", 1)[0] + "/ft-resume")
-    epoch_done = train_lib._Trainer.epoch_done
+    epoch_done = trainer_lib.Trainer.epoch_done
 
     def preempted_after_first_epoch(self: Any, epoch: int, *args: Any) -> None:
         epoch_done(self, epoch, *args)
         raise Terminated()
 
-    monkeypatch.setattr(train_lib._Trainer, "epoch_done", preempted_after_first_epoch)
+    monkeypatch.setattr(trainer_lib.Trainer, "epoch_done", preempted_after_first_epoch)
     with pytest.raises(Terminated):
         train_lib.run_train(cfg, "finetune", data, data, out, init_model=top_run["out"])
     monkeypatch.undo()
@@ -471,30 +472,31 @@ import dataclasses, json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-from skinlesion import logs, train
+import contextlib
+from skinlesion import logs, train, train_runtime, trainer
 from skinlesion.errors import Terminated
 from skinlesion.storage import open_store
 from tests.test_train import tiny_cfg
 
-def two_replicas(cfg):  # what setup_runtime picks with two GPUs, on two CPU devices
-    keras.mixed_precision.set_global_policy("float32")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    return train.Runtime(strategy=strategy, gpus=0, mixed_precision=False)
+@contextlib.contextmanager
+def two_replicas(cfg):  # what select_runtime picks with two GPUs, on two CPU devices
+    with train_runtime.dtype_policy("float32"):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        yield train_runtime.Runtime(strategy=strategy, gpus=0, mixed_precision=False)
 
-train.setup_runtime = two_replicas
+train_runtime.select_runtime = two_replicas
 logs.configure()
 data, out = open_store(sys.argv[1]), open_store(sys.argv[2])
 cfg = dataclasses.replace(tiny_cfg(), top_epochs=2, batch_size=5)  # uneven last batches
-epoch_done = train._Trainer.epoch_done
+epoch_done = trainer.Trainer.epoch_done
 def preempted(self, epoch, *args):
     epoch_done(self, epoch, *args)
     raise Terminated()
-train._Trainer.epoch_done = preempted
+trainer.Trainer.epoch_done = preempted
 try:
     train.run_train(cfg, "top", data, data, out)
 except Terminated:
-    train._Trainer.epoch_done = epoch_done
+    trainer.Trainer.epoch_done = epoch_done
 print(json.dumps(train.run_train(cfg, "top", data, data, out)))
 """
 
