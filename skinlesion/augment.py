@@ -42,13 +42,13 @@ from skinlesion import config, logs, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.config import AugmentConfig, to_dict
 from skinlesion.errors import DataError
-from skinlesion.manifest import commit_stage, input_fingerprints
+from skinlesion.manifest import commit_stage, input_fingerprints, read_result
+from skinlesion.results import AugmentResult, PrepareResult
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store
 
 STAGE = "augment"
 REFERENCE_TRAIN_SIZE = 8012  # train images of the reference 80/20 split of HAM10000
-DEFAULT_JPEG_QUALITY = 95  # used when the prepare manifest does not say
 SAMPLE_VARIANTS = 5  # variants per row of augment_samples.png
 
 
@@ -321,13 +321,14 @@ def run_augment(
     log = logs.get()
     settings = config.stage_settings(STAGE, cfg)
     inputs = input_fingerprints({"prepared": prepared.uri})
+    _, prep = read_result(prepared, PrepareResult, "prepared")
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> AugmentResult:
         from skinlesion.plots import augment as plots
 
         with scratch_dir("skinlesion-augment-in-") as tmp:
-            paths, prep = shards.fetch_split(prepared, "train", tmp)
-            quality = int(prep.get("settings", {}).get("jpeg_quality", DEFAULT_JPEG_QUALITY))
+            paths = shards.fetch_split(prepared, prep.shards, "train", tmp)
+            quality = prep.preprocessing.jpeg_quality
             with SourceIndex(paths) as index:
                 before = index.counts()
                 n_train = sum(before.values())
@@ -362,15 +363,15 @@ def run_augment(
             images_per_s=round(n_out / seconds, 1) if seconds > 0 else None,
             variants_per_s=round(variants / seconds, 1) if seconds > 0 else None,
         )
-        return {
-            "shards": {"train": shard_list},
-            "counts": {"before": before, "after": totals},
-            "target": target,
-            "variants": variants,
-            "n_images": n_out,
-            "image_size": prep.get("image_size"),
-            "synthetic": bool(prep.get("synthetic", False)),
-        }
+        return AugmentResult(
+            shards={"train": shard_list},
+            counts={"before": before, "after": totals},
+            target=target,
+            variants=variants,
+            n_images=n_out,
+            image_size=prep.image_size,
+            synthetic=prep.synthetic,
+        )
 
     return commit_stage(
         STAGE, out, settings, inputs, body, force, input_uris={"prepared": prepared.uri}

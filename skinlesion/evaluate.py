@@ -22,11 +22,12 @@ from skinlesion import config, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORT_FILE
-from skinlesion.lineage import preprocessing_of, upstream
-from skinlesion.manifest import commit_stage, input_fingerprints, require_manifest
+from skinlesion.lineage import upstream
+from skinlesion.manifest import commit_stage, input_fingerprints, read_result
 from skinlesion.metrics import compute_metrics, headline
 from skinlesion.model import load_model, model_image_size
 from skinlesion.plots import evaluation as plots
+from skinlesion.results import EvaluateResult, PrepareResult, TrainResult
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, sha256_file
 
@@ -109,7 +110,7 @@ def upstream_figures(
     top = upstream(model_manifest, "init_model")
     if top is not None and (png := _fetch_png(top[0], "training_curves.png", dest)):
         training.append(("Training curves, phase top (head only)", png))
-    phase = model_manifest.get("phase") or model_manifest.get("stage") or "model"
+    phase = model_manifest.get("phase", model_manifest["stage"])
     if png := _fetch_png(model, "training_curves.png", dest):
         training.append((f"Training curves, phase {phase} (the evaluated model)", png))
 
@@ -138,28 +139,29 @@ def run_evaluate(
     log = logs.get()
     settings = config.stage_settings("evaluate", cfg)
     inputs = input_fingerprints({"model": model.uri, "val_data": val_data.uri})
-    model_manifest = require_manifest(model, "model")
-    data_manifest = require_manifest(val_data, "val_data")
-    if not model.exists(MODEL_FILE):
+    model_manifest, _ = read_result(model, TrainResult, "model")
+    data_manifest, data = read_result(val_data, PrepareResult, "val_data")
+    recorded = model_manifest["files"].get(MODEL_FILE)
+    if recorded is None or not model.exists(MODEL_FILE):
         raise InputError(f"{model.uri} has no {MODEL_FILE}")
-    prep = preprocessing_of(data_manifest)
+    prep = data.preprocessing
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> EvaluateResult:
         with scratch_dir("skinlesion-evaluate-in-") as tmp:
             model.get_file(MODEL_FILE, tmp / MODEL_FILE)
             model_sha = sha256_file(tmp / MODEL_FILE)
-            recorded = ((model_manifest.get("files") or {}).get(MODEL_FILE) or {}).get("sha256")
-            if recorded and recorded != model_sha:  # rewritten since its manifest was read
+            if recorded["sha256"] != model_sha:  # rewritten since its manifest was read
                 raise DamagedRun(f"{model.uri}/{MODEL_FILE} is not the file its manifest records")
             net = load_model(tmp / MODEL_FILE)
             size = model_image_size(net)
-            if prep["image_size"] is not None and size != prep["image_size"]:
+            if size != prep.image_size:
                 raise InputError(
                     f"the model expects {size}x{size} images but {val_data.uri} holds "
-                    f"{prep['image_size']}x{prep['image_size']}"
+                    f"{prep.image_size}x{prep.image_size}"
                 )
-            paths, _ = shards.fetch_split(val_data, "val", tmp / "shards")
-            counts = [int(s.get("count", 0)) for s in shards.split_shards(data_manifest, "val")]
+            paths = shards.fetch_split(val_data, data.shards, "val", tmp / "shards")
+            listed = shards.split_shards(data.shards, "val", val_data.uri)
+            counts = [int(s["count"]) for s in listed]
             examples, proba = predict_shards(net, paths, cfg.batch_size, counts)
             y = np.array([e.label for e in examples], dtype=np.int64)
             metrics = compute_metrics(y, proba, cfg.ece_bins)
@@ -205,13 +207,13 @@ def run_evaluate(
                     created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 ),
             )
-        return {
-            "metrics": headline(metrics),
-            "preprocessing": {**prep, "image_size": size},
-            "synthetic": bool(data_manifest.get("synthetic")),
-            "model_stage": model_manifest.get("stage"),
-            "model_sha256": model_sha,  # what promote checks it is promoting
-        }
+        return EvaluateResult(
+            metrics=headline(metrics),
+            preprocessing=prep,
+            synthetic=data.synthetic,
+            model_stage=model_manifest["stage"],
+            model_sha256=model_sha,
+        )
 
     manifest = commit_stage(
         "evaluate",
@@ -225,7 +227,7 @@ def run_evaluate(
     log.info(
         "evaluate_done",
         out=out.uri,
-        synthetic=manifest.get("synthetic"),
-        **manifest.get("metrics", {}),
+        synthetic=manifest["synthetic"],
+        **manifest["metrics"],
     )
     return manifest

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from skinlesion.manifest import read_manifest, stage_input_fingerprint
+from skinlesion.manifest import MANIFEST, read_manifest, stage_input_fingerprint
+from skinlesion.results import (
+    ChampionResult,
+    EvaluateResult,
+    PrepareResult,
+    Preprocessing,
+    parse_result,
+)
 from skinlesion.storage import Store, open_store
 
-# For manifests that do not record them (written before they were settings).
+# For a model file without a manifest next to it.
 DEFAULT_RESIZE = "squash"
 DEFAULT_JPEG_QUALITY = 95
 
@@ -31,32 +38,26 @@ def upstream(manifest: dict[str, Any], name: str) -> tuple[Store, dict[str, Any]
     return store, found
 
 
-def preprocessing_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    """How the images a model saw were resized: from a prepare manifest, or the
-    `preprocessing` an evaluate or champion manifest recorded."""
-    if isinstance(manifest.get("preprocessing"), dict):
-        prep = manifest["preprocessing"]
-        return {
-            "image_size": prep.get("image_size"),
-            "resize": prep.get("resize", DEFAULT_RESIZE),
-            "jpeg_quality": prep.get("jpeg_quality", DEFAULT_JPEG_QUALITY),
-        }
-    settings = manifest.get("settings", {}) or {}
-    return {
-        "image_size": manifest.get("image_size", settings.get("image_size")),
-        "resize": settings.get("resize", DEFAULT_RESIZE),
-        "jpeg_quality": settings.get("jpeg_quality", DEFAULT_JPEG_QUALITY),
-    }
+_WITH_PREPROCESSING: dict[str, type[ChampionResult | EvaluateResult | PrepareResult]] = {
+    "champion": ChampionResult,
+    "evaluate": EvaluateResult,
+    "prepare": PrepareResult,
+}
 
 
-def model_preprocessing(store: Store) -> dict[str, Any] | None:
-    """How a model prefix's training images were resized, from the manifests around it:
-    a champion or evaluate manifest records it; a train or finetune manifest leads to the
+def model_preprocessing(store: Store) -> Preprocessing | None:
+    """How a model prefix's training images were made, from the manifests around it: a
+    champion or evaluate manifest records it; a train or finetune manifest leads to the
     prepare output it was validated on (its `val_data` source)."""
     manifest = read_manifest(store)
     if manifest is None:
         return None
-    if isinstance(manifest.get("preprocessing"), dict):
-        return preprocessing_of(manifest)
-    prepared = upstream(manifest, "val_data")
-    return preprocessing_of(prepared[1]) if prepared is not None else None
+    if manifest["stage"] not in _WITH_PREPROCESSING:
+        found = upstream(manifest, "val_data")
+        if found is None:
+            return None
+        store, manifest = found
+    kind = _WITH_PREPROCESSING.get(manifest["stage"])
+    if kind is None:
+        return None
+    return parse_result(kind, manifest, f"{store.uri}/{MANIFEST}").preprocessing

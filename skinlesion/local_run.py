@@ -6,9 +6,10 @@ import sys
 
 from skinlesion import config, logs
 from skinlesion.classes import CLASSES
-from skinlesion.layout import RunLayout
-from skinlesion.manifest import read_manifest
+from skinlesion.layout import METRICS_FILE, REPORT_FILE, RunLayout
+from skinlesion.manifest import read_manifest, read_result
 from skinlesion.pipeline import LocalExecutor, RunReport, run_pipeline
+from skinlesion.results import PromoteResult
 from skinlesion.storage import get_json, open_store
 
 
@@ -56,18 +57,18 @@ def format_metrics(metrics: dict) -> str:
 
 def print_summary(layout: RunLayout, report: RunReport) -> None:
     evaluate = open_store(layout.stage_uri("evaluate"))
-    metrics = get_json(evaluate, "metrics.json")
-    promote = read_manifest(open_store(layout.stage_uri("promote")))
+    metrics = get_json(evaluate, METRICS_FILE)
+    promote = open_store(layout.stage_uri("promote"))
     out = sys.stdout
     print(
         f"\nrun {layout.run_id}: " + ", ".join(f"{s.stage} {s.status}" for s in report.stages),
         file=out,
     )
     print(format_metrics(metrics), file=out)
-    if promote is not None:
-        decision = promote.get("decision", {})
-        print(f"\npromotion: {decision.get('promoted')} ({decision.get('reason', '')})", file=out)
-    print(f"\nreport: {evaluate.uri}/report.html", file=out)
+    if read_manifest(promote) is not None:
+        decision = read_result(promote, PromoteResult, "promote")[1].decision
+        print(f"\npromotion: {decision['promoted']} ({decision['reason']})", file=out)
+    print(f"\nreport: {evaluate.uri}/{REPORT_FILE}", file=out)
 
 
 def run_local(cfg: config.PipelineConfig, store_uri: str, raw_uri: str | None, run_id: str) -> int:

@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlparse
 
 from skinlesion import __version__, logs
 from skinlesion.errors import InputError, StageFailed
+from skinlesion.results import SCHEMA_VERSION, VERSION_FIELD, R, Result, parse_result
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store, put_json
 
@@ -49,6 +50,7 @@ _PROTOCOL_FIELDS = frozenset(
         "files",
         "created_at",
         "skinlesion_version",
+        VERSION_FIELD,
     }
 )
 _RESERVED = (MANIFEST, OWNER)  # keys a stage body may not write
@@ -118,9 +120,23 @@ def require_manifest(store: Store, what: str) -> dict[str, Any]:
     return manifest
 
 
+def read_result(store: Store, cls: type[R], what: str) -> tuple[dict[str, Any], R]:
+    """(manifest, its typed body) of an input prefix."""
+    manifest = require_manifest(store, what)
+    return manifest, parse_result(cls, manifest, f"{what} {store.uri}/{MANIFEST}")
+
+
+def _current(manifest: Mapping[str, Any] | None, expected: str) -> bool:
+    """Committed with this fingerprint by this manifest schema (older ones are redone)."""
+    return (
+        manifest is not None
+        and manifest.get("fingerprint") == expected
+        and manifest.get(VERSION_FIELD) == SCHEMA_VERSION
+    )
+
+
 def is_done(store: Store, expected: str) -> bool:
-    manifest = read_manifest(store)
-    return manifest is not None and manifest.get("fingerprint") == expected
+    return _current(read_manifest(store), expected)
 
 
 def clear(store: Store, keep_state: bool) -> None:
@@ -243,7 +259,7 @@ def publish(out: Store, work: Path, manifest: Mapping[str, Any], what: str) -> d
     for path in _outputs(work, what):
         key = path.relative_to(work).as_posix()
         files[key] = {"sha256": out.put_file(path, key), "size": path.stat().st_size}
-    committed = {**manifest, "files": files}
+    committed = {**manifest, VERSION_FIELD: SCHEMA_VERSION, "files": files}
     put_json(out, MANIFEST, committed)  # the commit mark, written last
     return committed
 
@@ -253,7 +269,7 @@ def commit_stage(
     out: Store,
     settings: Mapping[str, Any],
     inputs: Mapping[str, str],
-    body: Callable[[Path], Mapping[str, Any]],
+    body: Callable[[Path], Result | Mapping[str, Any]],
     force: bool = False,
     input_uris: Mapping[str, str] | None = None,
     claim_first: bool = False,
@@ -270,7 +286,7 @@ def commit_stage(
     check_disjoint(stage, out.uri, input_uris or {})
     fp = fingerprint(stage, settings, inputs)
     existing = _manifest_or_none(out)
-    if existing is not None and existing.get("fingerprint") == fp and not force:
+    if existing is not None and _current(existing, fp) and not force:
         log.info("stage_already_done", out=out.uri, fingerprint=fp[:12])
         _drop_state(out)  # left behind if a crash came between commit and clean-up
         return existing
@@ -285,7 +301,8 @@ def commit_stage(
     if claim_first:
         take()
     with scratch_dir(f"skinlesion-{stage}-") as work:
-        extra = dict(body(work))
+        result = body(work)
+        extra = result.to_manifest() if isinstance(result, Result) else dict(result)
         clash = sorted(set(extra) & _PROTOCOL_FIELDS)
         if clash:  # would silently replace the fingerprint, the file list, ...
             raise StageFailed(stage, f"manifest fields {clash} are reserved for the protocol")

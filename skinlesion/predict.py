@@ -22,6 +22,7 @@ from skinlesion.imaging import Resize, resize_jpeg
 from skinlesion.layout import MODEL_FILE
 from skinlesion.lineage import DEFAULT_JPEG_QUALITY, DEFAULT_RESIZE, model_preprocessing
 from skinlesion.model import load_model, model_image_size
+from skinlesion.results import Preprocessing
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, open_store
 
@@ -67,6 +68,11 @@ def predict(model_uri: str, images: list[str]) -> list[dict[str, Any]]:
     if not store.exists(key):
         raise InputError(f"no model at {store.uri}/{key}")
     prep = model_preprocessing(store)
+    with scratch_dir("skinlesion-predict-") as tmp:
+        local = Path(tmp) / MODEL_FILE
+        store.get_file(key, local)
+        net = load_model(local)
+    size = model_image_size(net)
     if prep is None:
         log.warning(
             "preprocessing_unknown",
@@ -74,16 +80,11 @@ def predict(model_uri: str, images: list[str]) -> list[dict[str, Any]]:
             f"using '{DEFAULT_RESIZE}'",
             model=store.uri,
         )
-        prep = {"image_size": None, "resize": DEFAULT_RESIZE, "jpeg_quality": DEFAULT_JPEG_QUALITY}
-    if prep["resize"] not in ("squash", "crop"):
-        raise InputError(f"{store.uri}: unknown resize mode {prep['resize']!r} in its lineage")
-    resize: Resize = "crop" if prep["resize"] == "crop" else "squash"
-    with scratch_dir("skinlesion-predict-") as tmp:
-        local = Path(tmp) / MODEL_FILE
-        store.get_file(key, local)
-        net = load_model(local)
-    size = model_image_size(net)
-    quality = int(prep["jpeg_quality"])
+        prep = Preprocessing(size, DEFAULT_RESIZE, DEFAULT_JPEG_QUALITY)
+    if prep.resize not in ("squash", "crop"):
+        raise InputError(f"{store.uri}: unknown resize mode {prep.resize!r} in its lineage")
+    resize: Resize = "crop" if prep.resize == "crop" else "squash"
+    quality = prep.jpeg_quality
     batches = []
     for start in range(0, len(images), BATCH):  # bounded memory for long image lists
         pixels = load_images(images[start : start + BATCH], size, resize, quality)

@@ -30,6 +30,7 @@ from skinlesion.imaging import (
 )
 from skinlesion.manifest import commit_stage, input_fingerprints
 from skinlesion.plots.distribution import class_distribution
+from skinlesion.results import PrepareResult
 from skinlesion.shards import Example, ShardWriter
 from skinlesion.split import Split, check_every_class, make_split
 from skinlesion.storage import Store
@@ -107,7 +108,7 @@ def run_prepare(
     settings = config.stage_settings("prepare", cfg)
     inputs = input_fingerprints({"raw": raw.uri})
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> PrepareResult:
         start = time.monotonic()
         data = ham10000.load(raw)
         if data.synthetic:
@@ -144,19 +145,20 @@ def run_prepare(
             seconds=round(seconds, 1),
             **{f"{side}_{name}": n for side in SIDES for name, n in counts[side].items()},
         )
-        return {
-            "shards": shards,
-            "counts": counts,
-            "lesions_in_both": result.lesions_in_both,
-            "skipped": skipped,
-            "image_size": cfg.image_size,
-            "resize": cfg.resize,
-            "split": split.method,
-            "val_fraction": cfg.val_fraction,
-            "synthetic": data.synthetic,
-            "n_images": n_images,
-            "classes": list(CLASSES),
-            "seconds": round(seconds, 1),
-        }
+        return PrepareResult(
+            shards=shards,
+            counts=counts,
+            lesions_in_both=result.lesions_in_both,
+            skipped=skipped,
+            image_size=cfg.image_size,
+            resize=cfg.resize,
+            jpeg_quality=cfg.jpeg_quality,
+            split=split.method,
+            val_fraction=cfg.val_fraction,
+            synthetic=data.synthetic,
+            n_images=n_images,
+            classes=list(CLASSES),
+            seconds=round(seconds, 1),
+        )
 
     return commit_stage("prepare", out, settings, inputs, body, force, input_uris={"raw": raw.uri})

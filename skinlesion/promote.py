@@ -38,9 +38,16 @@ from skinlesion.manifest import (
     input_fingerprints,
     publish,
     read_manifest,
-    require_manifest,
+    read_result,
 )
 from skinlesion.metrics import headline
+from skinlesion.results import (
+    ChampionResult,
+    EvaluateResult,
+    PromoteResult,
+    TrainResult,
+    parse_result,
+)
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store
 
@@ -119,6 +126,13 @@ def publish_champion(
         return publish(target, work, fields, CHAMPION_STAGE)
 
 
+def _champion(target: Store) -> ChampionResult | None:
+    manifest = read_manifest(target)
+    if manifest is None:
+        return None
+    return parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}")
+
+
 def run_promote(
     cfg: config.PromoteConfig,
     candidate: Store,
@@ -137,17 +151,14 @@ def run_promote(
     settings = config.stage_settings("promote", cfg)
     inputs = input_fingerprints({"candidate": candidate.uri, "model": model.uri})
     out = out if out is not None else open_store(promote_uri(candidate.uri))
-    evaluation = require_manifest(candidate, "candidate")
-    model_manifest = require_manifest(model, "model")
+    evaluation, evaluated = read_result(candidate, EvaluateResult, "candidate")
+    model_manifest, trained = read_result(model, TrainResult, "model")
     # The model's identity is its content: two runs with the same settings and inputs
     # share a fingerprint but not their trained weights.
-    model_sha = ((model_manifest.get("files") or {}).get(MODEL_FILE) or {}).get("sha256")
-    if not model_sha:
+    if MODEL_FILE not in model_manifest["files"]:
         raise InputError(f"{model.uri}/{MANIFEST} does not record {MODEL_FILE}")
-    evaluated = evaluation.get("model_sha256")
-    if (evaluation.get("inputs", {}) or {}).get("model") != inputs["model"] or (
-        evaluated is not None and evaluated != model_sha
-    ):
+    model_sha = model_manifest["files"][MODEL_FILE]["sha256"]
+    if evaluation["inputs"].get("model") != inputs["model"] or evaluated.model_sha256 != model_sha:
         problem = f"candidate {candidate.uri} is an evaluation of another model than {model.uri}"
         if model.uri in {sibling_stage_uri(candidate.uri, s) for s in ("train", "finetune")}:
             # One run's own prefixes: its model was rewritten after it was evaluated (e.g.
@@ -155,21 +166,21 @@ def run_promote(
             raise DamagedRun(problem)
         raise InputError(problem)
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> PromoteResult:
         metrics = get_json(candidate, METRICS_FILE)
         cand = _scores(metrics, cfg.metric)
-        current = read_manifest(target)
+        current = _champion(target)
         champ: dict[str, Any] | None = None
         same_val: bool | None = None
         if current is not None:
             champ = {
                 **_scores(get_json(target, METRICS_FILE), cfg.metric),
-                "run_id": current.get("run_id"),
-                "promoted_at": current.get("promoted_at"),
-                "model_uri": current.get("model_uri"),
+                "run_id": current.run_id,
+                "promoted_at": current.promoted_at,
+                "model_uri": current.model_uri,
             }
-            same_val = current.get("val_data_fingerprint") == evaluation["inputs"].get("val_data")
-        if current is not None and current.get("model_sha256") == model_sha:
+            same_val = current.val_data_fingerprint == evaluation["inputs"]["val_data"]
+        if current is not None and current.model_sha256 == model_sha:
             promoted, reason = True, "already the champion (an earlier attempt promoted it)"
         else:
             promoted, reason = decide(cfg, cand, champ)
@@ -181,24 +192,26 @@ def run_promote(
                     {
                         "stage": CHAMPION_STAGE,
                         "fingerprint": model_sha,  # the champion is its model file
-                        "model_sha256": model_sha,
-                        "model_fingerprint": model_manifest["fingerprint"],
-                        "model_uri": model.uri,
-                        "model_stage": model_manifest.get("stage"),
-                        "evaluation_uri": candidate.uri,
-                        "evaluation_fingerprint": evaluation["fingerprint"],
-                        "val_data_fingerprint": evaluation["inputs"].get("val_data"),
-                        "run_id": run_id,
-                        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                        "metric": cfg.metric,
-                        "metric_value": cand["metric"],
-                        "mel_recall": cand["mel_recall"],
-                        "metrics": headline(metrics),
-                        "preprocessing": evaluation.get("preprocessing"),
-                        "synthetic": evaluation.get("synthetic"),
-                        "backbone": model_manifest.get("backbone"),
-                        "image_size": model_manifest.get("image_size"),
-                        "settings": model_manifest.get("settings"),
+                        **ChampionResult(
+                            model_sha256=model_sha,
+                            model_fingerprint=model_manifest["fingerprint"],
+                            model_uri=model.uri,
+                            model_stage=model_manifest["stage"],
+                            evaluation_uri=candidate.uri,
+                            evaluation_fingerprint=evaluation["fingerprint"],
+                            val_data_fingerprint=evaluation["inputs"]["val_data"],
+                            run_id=run_id,
+                            promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                            metric=cfg.metric,
+                            metric_value=cand["metric"],
+                            mel_recall=cand["mel_recall"],
+                            metrics=headline(metrics),
+                            preprocessing=evaluated.preprocessing,
+                            synthetic=evaluated.synthetic,
+                            backbone=trained.backbone,
+                            image_size=trained.image_size,
+                            settings=model_manifest["settings"],
+                        ).to_manifest(),
                     },
                 )
         if same_val is False:
@@ -216,7 +229,7 @@ def run_promote(
             "target": target.uri,
         }
         (work / DECISION_FILE).write_text(json.dumps(decision, indent=2, allow_nan=False) + "\n")
-        return {"decision": decision}
+        return PromoteResult(decision)
 
     manifest = commit_stage(
         "promote",
@@ -227,15 +240,15 @@ def run_promote(
         force,
         input_uris={"candidate": candidate.uri, "model": model.uri, "champion": target.uri},
     )
-    decision = manifest.get("decision", {})
-    champion = decision.get("champion") or {}
+    decision = manifest["decision"]
+    champion = decision["champion"] or {}
     log.info(
         "promote_done",
-        promoted=decision.get("promoted"),
-        reason=decision.get("reason"),
-        metric=decision.get("metric"),
-        candidate_metric=(decision.get("candidate") or {}).get("metric"),
-        candidate_mel_recall=(decision.get("candidate") or {}).get("mel_recall"),
+        promoted=decision["promoted"],
+        reason=decision["reason"],
+        metric=decision["metric"],
+        candidate_metric=decision["candidate"]["metric"],
+        candidate_mel_recall=decision["candidate"]["mel_recall"],
         champion_metric=champion.get("metric"),
         champion_mel_recall=champion.get("mel_recall"),
         target=target.uri,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from skinlesion.errors import InputError
-from skinlesion.manifest import require_manifest
+from skinlesion.results import Shards
 from skinlesion.storage import Store
 
 
@@ -177,19 +177,23 @@ def dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    shards = manifest.get("shards", {}).get(split)
-    if not shards:
-        raise InputError(f"stage manifest has no '{split}' shards")
-    return list(shards)
+def split_shards(listed: Shards, split: str, where: str) -> list[dict[str, Any]]:
+    """The shard entries of `split` a stage result lists (`where` names it in errors)."""
+    entries = listed.get(split)
+    if not entries:
+        raise InputError(f"{where}: its manifest lists no '{split}' shards")
+    return list(entries)
 
 
-def fetch_split(store: Store, split: str, dest: Path) -> tuple[list[Path], dict[str, Any]]:
-    """Download a committed stage's shards of `split`; returns (paths, manifest)."""
-    manifest = require_manifest(store, f"{split} data")
+def shard_count(listed: Shards, split: str, where: str) -> int:
+    return sum(int(s["count"]) for s in split_shards(listed, split, where))
+
+
+def fetch_split(store: Store, listed: Shards, split: str, dest: Path) -> list[Path]:
+    """Download the shards of `split` that a committed stage result lists."""
     paths = []
-    for shard in split_shards(manifest, split):
+    for shard in split_shards(listed, split, store.uri):
         path = dest / split / shard["file"]
         store.get_file(shard["file"], path)
         paths.append(path)
-    return paths, manifest
+    return paths

@@ -13,6 +13,7 @@ from typing import Any
 from skinlesion import config, logs, train_runtime
 from skinlesion.errors import InputError
 from skinlesion.manifest import commit_stage, fingerprint, input_fingerprints
+from skinlesion.results import TrainResult
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store
 from skinlesion.train_callbacks import TrainCallbacks
@@ -46,7 +47,7 @@ def run_train(
     fp = fingerprint(stage, settings, inputs)
     init = init_model if phase == "finetune" else None
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> TrainResult:
         if phase_epochs(cfg, phase) < 1:
             raise InputError(f"train.{phase}_epochs is 0: nothing to train")
         log = logs.get().bind(phase=phase)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from skinlesion import shards
 from skinlesion.classes import NUM_CLASSES
 from skinlesion.errors import InputError
+from skinlesion.manifest import read_result, require_manifest
+from skinlesion.results import AugmentResult, PrepareResult
 from skinlesion.storage import Store
 
 
@@ -30,24 +31,28 @@ class TrainData:
 
 def load_train_data(train_data: Store, val_data: Store, dest: Path) -> TrainData:
     """Download the train split of `train_data` and the val split of `val_data`."""
-    train_paths, train_manifest = shards.fetch_split(train_data, "train", dest / "train")
-    val_paths, val_manifest = shards.fetch_split(val_data, "val", dest / "val")
-    counts = _label_counts(train_paths)
+    train: AugmentResult | PrepareResult
+    if require_manifest(train_data, "train_data")["stage"] == "augment":
+        _, train = read_result(train_data, AugmentResult, "train_data")
+    else:
+        _, train = read_result(train_data, PrepareResult, "train_data")
+    _, val = read_result(val_data, PrepareResult, "val_data")
+    sizes = sorted({train.image_size, val.image_size})
+    if len(sizes) > 1:
+        raise InputError(f"train and val data have different image sizes: {sizes}")
+    train_paths = shards.fetch_split(train_data, train.shards, "train", dest / "train")
+    val_paths = shards.fetch_split(val_data, val.shards, "val", dest / "val")
     return TrainData(
         train_paths=train_paths,
         val_paths=val_paths,
-        train_count=_shard_count(train_manifest, "train"),
-        val_count=_shard_count(val_manifest, "val"),
-        image_size=_image_size(train_manifest, val_manifest, val_paths[0]),
-        label_counts=counts,
-        balanced_by_augment=train_manifest.get("stage") == "augment",
+        train_count=shards.shard_count(train.shards, "train", train_data.uri),
+        val_count=shards.shard_count(val.shards, "val", val_data.uri),
+        image_size=sizes[0],
+        label_counts=_label_counts(train_paths),
+        balanced_by_augment=isinstance(train, AugmentResult),
         train_uri=train_data.uri,
         val_uri=val_data.uri,
     )
-
-
-def _shard_count(manifest: dict[str, Any], split: str) -> int:
-    return sum(int(s["count"]) for s in shards.split_shards(manifest, split))
 
 
 def _label_counts(paths: list[Path]) -> list[int]:
@@ -55,18 +60,6 @@ def _label_counts(paths: list[Path]) -> list[int]:
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise InputError(f"training labels out of range 0..{NUM_CLASSES - 1}")
     return [int(n) for n in np.bincount(labels, minlength=NUM_CLASSES)]
-
-
-def _image_size(train_manifest: dict[str, Any], val_manifest: dict[str, Any], sample: Path) -> int:
-    sizes = {int(m["image_size"]) for m in (val_manifest, train_manifest) if m.get("image_size")}
-    if len(sizes) > 1:
-        raise InputError(f"train and val data have different image sizes: {sorted(sizes)}")
-    if sizes:
-        return sizes.pop()
-    import tensorflow as tf
-
-    first = next(shards.iter_examples([sample]))
-    return int(tf.io.decode_jpeg(first.jpeg).shape[0])
 
 
 def balanced_class_weights(counts: list[int]) -> dict[int, float]:

@@ -27,8 +27,9 @@ from skinlesion import model as model_lib
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import InputError, Terminated
 from skinlesion.layout import MODEL_FILE
-from skinlesion.manifest import require_manifest
+from skinlesion.manifest import read_result
 from skinlesion.plots.training import training_curves
+from skinlesion.results import TrainResult
 from skinlesion.storage import Store, get_json
 from skinlesion.train_callbacks import EpochBackup, TrainCallbacks
 from skinlesion.train_data import TrainData, class_weights
@@ -49,10 +50,11 @@ class InitModel:
 
     store: Store
     manifest: dict[str, Any]
+    result: TrainResult
 
     @classmethod
     def read(cls, store: Store) -> InitModel:
-        return cls(store, require_manifest(store, "init_model"))
+        return cls(store, *read_result(store, TrainResult, "init_model"))
 
 
 def fresh_state(fp: str, phase: Phase, init: InitModel | None, val_fingerprint: str) -> TrainState:
@@ -60,9 +62,9 @@ def fresh_state(fp: str, phase: Phase, init: InitModel | None, val_fingerprint: 
     starts from (when both were scored on the same val data): that one is best, epoch 0."""
     state = TrainState(fingerprint=fp, phase=phase)
     if init is not None:
-        best = init.manifest.get("best_val_accuracy")
-        same_val = init.manifest.get("inputs", {}).get("val_data") == val_fingerprint
-        if isinstance(best, int | float) and same_val:
+        best = init.result.best_val_accuracy
+        same_val = init.manifest["inputs"].get("val_data") == val_fingerprint
+        if best is not None and same_val:
             state.best_val_accuracy = float(best)
             state.best_epoch = 0
     return state
@@ -186,7 +188,7 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------
 
-    def run(self, work: Path, tmp: Path) -> dict[str, Any]:
+    def run(self, work: Path, tmp: Path) -> TrainResult:
         """Train what is left of the phase under the runtime's strategy, then write the
         outputs into `work`; returns the manifest's extra fields."""
         cfg, data, runtime, st, log = self.cfg, self.data, self.runtime, self.state, self.log
@@ -290,7 +292,7 @@ class Trainer:
 
     # -- outputs -------------------------------------------------------------------------
 
-    def finish(self, model: Any, work: Path) -> dict[str, Any]:
+    def finish(self, model: Any, work: Path) -> TrainResult:
         cfg, st, data, runtime = self.cfg, self.state, self.data, self.runtime
         # The final model: best-val weights in a float32, uncompiled copy (portable to CPU).
         with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
@@ -324,25 +326,25 @@ class Trainer:
         # Epoch 1 includes graph tracing: use the median as the throughput figure.
         ips = round(statistics.median(rates), 1) if rates else None
         trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
-        extra = {
-            "phase": self.phase,
-            "backbone": cfg.backbone,
-            "weights": cfg.weights,
-            "image_size": data.image_size,
-            "best_val_accuracy": st.best_val_accuracy,
-            "best_epoch": st.best_epoch,
-            "epochs_run": st.epochs_done,
-            "stop_reason": st.stop_reason,
-            "resumed_from_epoch": self.resumed_from,
-            "images_per_s": ips,
-            "train_images": data.train_count,
-            "val_images": data.val_count,
-            "class_weights": _by_class(self.class_weight, 4),
-            "trainable_params": trainable,
-            "batch_size": self.batch_size,
-            "mixed_precision": runtime.mixed_precision,
-            "replicas": runtime.replicas,
-        }
+        extra = TrainResult(
+            phase=self.phase,
+            backbone=cfg.backbone,
+            weights=cfg.weights,
+            image_size=data.image_size,
+            best_val_accuracy=st.best_val_accuracy,
+            best_epoch=st.best_epoch,
+            epochs_run=st.epochs_done,
+            stop_reason=st.stop_reason,
+            resumed_from_epoch=self.resumed_from,
+            images_per_s=ips,
+            train_images=data.train_count,
+            val_images=data.val_count,
+            class_weights=_by_class(self.class_weight, 4),
+            trainable_params=trainable,
+            batch_size=self.batch_size,
+            mixed_precision=runtime.mixed_precision,
+            replicas=runtime.replicas,
+        )
         self.log.info(
             f"{STAGE_OF_PHASE[self.phase]}_done",
             best_val_accuracy=_r(st.best_val_accuracy),

@@ -25,7 +25,9 @@ from skinlesion.config import AugmentConfig, PipelineConfig
 from skinlesion.errors import DataError, InputError
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import commit_stage
+from skinlesion.results import PrepareResult
 from skinlesion.storage import FileStore, S3Store, open_store
+from tests.stage_results import prepare_result
 
 SIZE = 48
 # Train images per class of the hand-built prepared set: bkl is above the target (kept as
@@ -59,7 +61,7 @@ def _write_prepared(store: FileStore) -> dict[str, Any]:
     """A committed prepare-like output: train and val shards in several files."""
     rng = np.random.default_rng(7)
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> PrepareResult:
         out: dict[str, Any] = {}
         counter = itertools.count()
         for split, counts in (("train", TRAIN), ("val", VAL)):
@@ -77,7 +79,7 @@ def _write_prepared(store: FileStore) -> dict[str, Any]:
                             )
                         )
             out[split] = writer.close()
-        return {"shards": out, "image_size": SIZE, "synthetic": True}
+        return prepare_result(out, SIZE)
 
     return commit_stage("prepare", store, {"jpeg_quality": 95}, {}, body)
 

@@ -24,7 +24,9 @@ from skinlesion.errors import InputError
 from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
 from skinlesion.metrics import KEYS, MEL_KEY, compute_metrics
 from skinlesion.plots import plt, save
+from skinlesion.results import AugmentResult, PrepareResult, TrainResult
 from skinlesion.storage import FileStore, Store, get_json
+from tests.stage_results import prepare_result, train_result
 
 IMAGE_SIZE = 32
 
@@ -56,7 +58,6 @@ def write_prepared(
     synthetic: bool = True,
     resize: str = "squash",
     seed: int = 0,
-    extra: dict[str, Any] | None = None,
 ) -> list[shards.Example]:
     """Commit a prepare-like prefix holding val shards (several, to test ordering)."""
     rng = np.random.default_rng(seed)
@@ -68,33 +69,38 @@ def write_prepared(
     ]
     cfg = config.PrepareConfig(image_size=image_size, resize=resize, shard_size=shard_size)  # type: ignore[arg-type]
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> PrepareResult:
         with shards.ShardWriter(work, "val", shard_size) as writer:
             for ex in examples:
                 writer.write(ex)
         png(work / "class_distribution.png", "classes")
         counts = {c: per_class[k] for k, c in enumerate(CLASSES)}
-        return {
-            "shards": {"val": writer.shards},
-            "counts": {"train": {c: 4 * n for c, n in counts.items()}, "val": counts},
-            "lesions_in_both": 0,
-            "skipped": [],
-            "image_size": image_size,
-            "synthetic": synthetic,
-            "split": "lesion",
-            **(extra or {}),
-        }
+        return prepare_result(
+            {"val": writer.shards},
+            image_size,
+            counts={"train": {c: 4 * n for c, n in counts.items()}, "val": counts},
+            resize=resize,
+            synthetic=synthetic,
+        )
 
     commit_stage("prepare", store, stage_settings("prepare", cfg), {"raw": f"test-{seed}"}, body)
     return examples
 
 
 def write_augment(store: Store, prepared: Store) -> None:
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> AugmentResult:
         png(work / "class_balance.png", "balance")
         png(work / "augment_samples.png", "samples")
         before = {c: 4 for c in CLASSES}
-        return {"counts": {"before": before, "after": {c: 10 for c in CLASSES}}}
+        return AugmentResult(
+            shards={"train": []},
+            counts={"before": before, "after": {c: 10 for c in CLASSES}},
+            target=10,
+            variants=6 * len(CLASSES),
+            n_images=10 * len(CLASSES),
+            image_size=IMAGE_SIZE,
+            synthetic=True,
+        )
 
     cfg = config.AugmentConfig()
     inputs = input_fingerprints({"prepared": prepared.uri})
@@ -129,20 +135,13 @@ def write_model(
     if init_model is not None:
         names["init_model"] = init_model.uri
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> TrainResult:
         if model_bytes is not None:
             (work / "model.keras").write_bytes(model_bytes)
         else:
             net.save(work / "model.keras")
         png(work / "training_curves.png", stage)
-        return {
-            "phase": "top" if stage == "train" else "finetune",
-            "backbone": "tiny",
-            "image_size": IMAGE_SIZE,
-            "best_val_accuracy": 0.5,
-            "best_epoch": 1,
-            "epochs_run": 2,
-        }
+        return train_result(IMAGE_SIZE, "top" if stage == "train" else "finetune", backbone="tiny")
 
     settings = stage_settings(stage, config.TrainConfig(backbone="mobilenetv3small"))
     return commit_stage(stage, store, settings, input_fingerprints(names), body, input_uris=names)

@@ -20,6 +20,8 @@ from skinlesion import cli, ham10000, imaging, prepare
 from skinlesion.classes import CLASSES
 from skinlesion.config import PrepareConfig, build
 from skinlesion.errors import DataError
+from skinlesion.manifest import read_result
+from skinlesion.results import PrepareResult
 from skinlesion.shards import fetch_split, iter_examples
 from skinlesion.split import make_split
 from skinlesion.storage import FileStore, S3Store, Store
@@ -43,7 +45,8 @@ def raw(raw_dir: Path, tmp_path: Path) -> FileStore:
 
 
 def read_split(out: Store, side: str, tmp_path: Path) -> list[Any]:
-    paths, _ = fetch_split(out, side, tmp_path / "fetched")
+    _, prepared = read_result(out, PrepareResult, "prepared")
+    paths = fetch_split(out, prepared.shards, side, tmp_path / "fetched")
     return list(iter_examples(paths))
 
 

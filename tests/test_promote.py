@@ -17,7 +17,9 @@ from skinlesion.errors import InputError
 from skinlesion.manifest import claim, commit_stage, input_fingerprints, read_manifest
 from skinlesion.metrics import compute_metrics
 from skinlesion.promote import decide, promote_uri, run_promote
+from skinlesion.results import EvaluateResult, Preprocessing
 from skinlesion.storage import FileStore, Store, get_json, open_store, sha256_bytes
+from tests.stage_results import evaluate_result
 from tests.test_evaluate import write_model, write_prepared
 
 CFG = config.PromoteConfig()  # balanced accuracy, min_improvement 0, mel margin 0.02
@@ -46,14 +48,11 @@ def make_candidate(
     write_model(model, None, prepared, prepared, model_bytes=blob)
     evaluation = run.child("evaluate")
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> EvaluateResult:
         metrics = _metrics(balanced, mel_recall)
         (work / "metrics.json").write_text(json.dumps(metrics))
         (work / "report.html").write_text(f"<p>{run_id}</p>")
-        return {
-            "preprocessing": {"image_size": 32, "resize": "crop", "jpeg_quality": 95},
-            "model_sha256": sha256_bytes(blob),
-        }
+        return evaluate_result(sha256_bytes(blob), Preprocessing(32, "crop", 95))
 
     inputs = input_fingerprints({"model": model.uri, "val_data": prepared.uri})
     commit_stage(

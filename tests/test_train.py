@@ -28,7 +28,9 @@ from skinlesion import trainer as trainer_lib
 from skinlesion.classes import CLASSES
 from skinlesion.errors import InputError, Terminated
 from skinlesion.manifest import STATE_PREFIX, claim, commit_stage
+from skinlesion.results import PrepareResult
 from skinlesion.storage import Store, get_json, open_store, put_json
+from tests.stage_results import prepare_result
 
 SIZE = 32
 # Imbalanced on purpose (nv largest), so that class weights are not all 1.
@@ -48,7 +50,7 @@ def write_prepared(store: Store, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     colours = rng.uniform(40, 215, (len(CLASSES), 3))
 
-    def body(work: Path) -> dict[str, Any]:
+    def body(work: Path) -> PrepareResult:
         out = {}
         for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
             with shards.ShardWriter(work, split, shard_size=25) as writer:
@@ -62,7 +64,7 @@ def write_prepared(store: Store, seed: int = 0) -> dict[str, Any]:
                             )
                         )
             out[split] = writer.shards
-        return {"shards": out, "image_size": SIZE}
+        return prepare_result(out, SIZE)
 
     return commit_stage("prepare", store, {"test_data": seed}, {}, body)
 
