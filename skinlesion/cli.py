@@ -31,8 +31,6 @@ from skinlesion.errors import (
 from skinlesion.stages import job_inputs
 from skinlesion.storage import Store, open_store
 
-Handler = Callable[[argparse.Namespace], int]
-
 
 def _store(flag: str, uri: str) -> Store:
     """The store a flag names; a bad URI or path is an error naming the flag."""

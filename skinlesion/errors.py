@@ -5,7 +5,6 @@ from __future__ import annotations
 # Exit codes: the chart's podFailurePolicy fails a Job fast on EXIT_BAD_INPUT; the
 # pipeline never retries a stage that exits EXIT_BAD_INPUT or EXIT_DAMAGED_RUN (the
 # same stage again cannot help); any other non-zero code is retried.
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_RUN_LOCKED = 3  # another live process writes this run: try again when it has ended

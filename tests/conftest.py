@@ -7,7 +7,6 @@ It never skips: a server that cannot start fails the tests with its log.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,24 +44,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s3server.S3S
         server = s3server.start(base)
     except s3server.S3ServerError as exc:
         pytest.fail(f"cannot start the SeaweedFS S3 test server:\n{exc}", pytrace=False)
-    saved = {
-        k: os.environ.get(k)
-        for k in (*_AWS_ISOLATE, *server.env(), "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+    values = {
+        **server.env(),
+        # No ~/.aws files: only the variables above configure boto3 in tests.
+        "AWS_CONFIG_FILE": str(base / "aws-config-none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(base / "aws-credentials-none"),
     }
-    for key in _AWS_ISOLATE:
-        os.environ.pop(key, None)
-    os.environ.update(server.env())
-    # No ~/.aws files: only the variables above configure boto3 in tests.
-    os.environ["AWS_CONFIG_FILE"] = str(base / "aws-config-none")
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(base / "aws-credentials-none")
     try:
-        yield server
+        with s3server.environment(values, remove=_AWS_ISOLATE):
+            yield server
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 

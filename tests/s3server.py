@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,22 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
         f"SeaweedFS S3 at {server.endpoint} not ready after {timeout:.0f}s ({last})\n"
         f"command: {' '.join(server.command)}\n--- log ---\n{server.log_tail()}"
     )
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str], remove: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set `values` (and unset `remove`) in os.environ; everything restored on exit."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in (*remove, *values)}
+    for key in remove:
+        os.environ.pop(key, None)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -13,16 +13,9 @@ from skinlesion.classes import CLASSES
 from skinlesion.errors import DataError
 from skinlesion.ham10000 import parse_metadata
 from skinlesion.split import lesion_split, make_split, seed_split
+from skinlesion.synthetic.metadata import REAL_IMAGES_PER_CLASS
 
-REAL_COUNTS = {
-    "nv": 6705,
-    "mel": 1113,
-    "bkl": 1099,
-    "bcc": 514,
-    "akiec": 327,
-    "vasc": 142,
-    "df": 115,
-}
+REAL_COUNTS = REAL_IMAGES_PER_CLASS  # the published HAM10000 class counts
 REFERENCE_TRAIN = {
     "nv": 5364,
     "mel": 890,

@@ -120,14 +120,7 @@ def run() -> dict[str, Any]:
                 {
                     "release": RELEASE,
                     "namespace": NAMESPACE,
-                    "stages": {
-                        s.name: {
-                            "job": jobshape.stage_job(
-                                s.name, NAMESPACE, RELEASE, "skinlesion:bench"
-                            )
-                        }
-                        for s in STAGES
-                    },
+                    "stages": {s.name: {"job": _stage_job(s.name)} for s in STAGES},
                 }
             )
         )
@@ -140,19 +133,13 @@ def run() -> dict[str, Any]:
             except s3server.S3ServerError as exc:
                 results["s3_store"] = f"skipped: SeaweedFS did not start ({str(exc)[:80]})"
             else:
-                saved = {k: os.environ.get(k) for k in s3.env()}
-                os.environ.update(s3.env())
                 try:
-                    store = f"s3://{s3.bucket}/handoff"
-                    figures, samples = _bench_store(km, stages, store, raw, runs, "s")
-                    results["s3_store"] = figures
-                    everything += samples
+                    with s3server.environment(s3.env()):
+                        store = f"s3://{s3.bucket}/handoff"
+                        figures, samples = _bench_store(km, stages, store, raw, runs, "s")
+                        results["s3_store"] = figures
+                        everything += samples
                 finally:
-                    for key, value in saved.items():
-                        if value is None:
-                            os.environ.pop(key, None)
-                        else:
-                            os.environ[key] = value
                     s3.stop()
     headline = results.get("s3_store")
     if not isinstance(headline, dict):
