@@ -61,6 +61,31 @@ EVERYTHING_ON = {
     "schedule": {"enabled": True},
     "run": {"id": "nightly-1"},
     "minio": {"enabled": True, "persistence": {"enabled": False}},
+    "serviceAccount": {
+        "controller": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/c"}},
+        "stages": {
+            "annotations": {"iam.gke.io/gcp-service-account": "s@p.iam.gserviceaccount.com"}
+        },
+    },
+    "podAnnotations": {"example.com/team": "ml"},
+    "podLabels": {"cost-centre": "research"},
+    "networkPolicy": {
+        "dns": {
+            "to": [
+                {"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+            ]
+        },
+        "apiServer": {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]},
+    },
+}
+# Static keys as a mounted shared-credentials file; no static keys at all (pod identity).
+CREDENTIALS_FILE: dict[str, Any] = {"store": {"credentials": "file"}}
+PINNED: dict[str, Any] = {
+    "image": {"digest": "sha256:" + "a" * 64, "gpuDigest": "sha256:" + "b" * 64}
+}
+NO_STATIC_KEYS: dict[str, Any] = {
+    "store": {"existingSecret": ""},
+    "networkPolicy": {"enabled": False},
 }
 VALUE_SETS: dict[str, tuple[list[Path], dict[str, Any]]] = {
     "default": ([], {}),
@@ -70,6 +95,9 @@ VALUE_SETS: dict[str, tuple[list[Path], dict[str, Any]]] = {
         for f in cr.makefile_values_files()
     },
     "everything-on": ([], EVERYTHING_ON),
+    "credentials-file": ([], CREDENTIALS_FILE),
+    "no-static-keys": ([], NO_STATIC_KEYS),
+    "pinned-by-digest": ([], PINNED),
 }
 
 
@@ -119,7 +147,9 @@ def test_every_object_passes_kubernetes_validate_strict(case: Any, kube_version:
 def test_renders_the_expected_objects(case: Any) -> None:
     _, values, rendered = case
     kinds = sorted(o["kind"] for o in rendered.objects)
-    expected = ["ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount"]
+    expected = ["ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount", "ServiceAccount"]
+    if values["networkPolicy"]["enabled"]:
+        expected += ["NetworkPolicy", "NetworkPolicy"]
     if values["run"]["enabled"]:
         expected.append("Job")
     if values["minio"]["enabled"]:
@@ -182,18 +212,23 @@ def test_every_pod_meets_pod_security_restricted(case: Any) -> None:
 
 
 def test_stage_pods_get_no_api_token_and_the_controller_does(case: Any) -> None:
-    _, _, rendered = case
-    sa = rendered.one("ServiceAccount")
-    assert sa["automountServiceAccountToken"] is False
+    _, values, rendered = case
+    controller = rendered.one("ServiceAccount", "controller")
+    stages = rendered.one("ServiceAccount", "stages")
+    assert controller["metadata"]["name"] != stages["metadata"]["name"]
+    for sa, who in ((controller, "controller"), (stages, "stages")):
+        assert sa["automountServiceAccountToken"] is False
+        wanted = values["serviceAccount"][who]["annotations"]
+        assert sa["metadata"].get("annotations", {}) == wanted
     for name, job in rendered.stage_jobs().items():
         spec = pod_spec(job)
         assert spec is not None
-        assert spec["serviceAccountName"] == sa["metadata"]["name"], name
+        assert spec["serviceAccountName"] == stages["metadata"]["name"], name
         assert spec["automountServiceAccountToken"] is False, name
     for obj in rendered.kind("Job") + rendered.kind("CronJob"):
         spec = pod_spec(obj)
         assert spec is not None
-        assert spec["serviceAccountName"] == sa["metadata"]["name"]
+        assert spec["serviceAccountName"] == controller["metadata"]["name"]
         assert spec["automountServiceAccountToken"] is True
     for dep in rendered.kind("Deployment"):
         assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
@@ -223,7 +258,7 @@ def test_rbac_grants_exactly_what_the_controller_needs(case: Any) -> None:
         "kind": "Role",
         "name": role["metadata"]["name"],
     }
-    sa = rendered.one("ServiceAccount")["metadata"]["name"]
+    sa = rendered.one("ServiceAccount", "controller")["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa, "namespace": cr.NAMESPACE}
     ]
@@ -241,8 +276,7 @@ def test_credentials_only_come_from_the_existing_secret(case: Any) -> None:
                 if "value" in var:
                     assert "SECRET" not in var["name"] and "PASSWORD" not in var["name"], name
             if c["name"] in ("stage", "controller"):
-                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                    assert env[key]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}
+                _check_store_credentials(name, values["store"], env, c, spec)
             if c["name"] == "minio":
                 assert env["MINIO_ROOT_USER"]["valueFrom"]["secretKeyRef"] == {
                     "name": secret,
@@ -252,6 +286,119 @@ def test_credentials_only_come_from_the_existing_secret(case: Any) -> None:
                     "name": secret,
                     "key": "AWS_SECRET_ACCESS_KEY",
                 }
+
+
+def _check_store_credentials(
+    name: str, store: dict[str, Any], env: dict[str, Any], c: dict[str, Any], spec: dict[str, Any]
+) -> None:
+    """Keys as variables from the Secret, or its file mounted read-only, or none at all."""
+    secret, mode = store["existingSecret"], store["credentials"]
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    mounts = {m["name"]: m for m in c.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    if secret and mode == "env":
+        for key in keys:
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}, name
+        assert "AWS_SHARED_CREDENTIALS_FILE" not in env and "s3-credentials" not in mounts
+        return
+    assert not set(keys) & set(env), name
+    if not secret:  # the pod's identity (IRSA / Workload Identity)
+        assert "AWS_SHARED_CREDENTIALS_FILE" not in env and "s3-credentials" not in volumes
+        return
+    mount = mounts["s3-credentials"]
+    assert mount["readOnly"] is True, name
+    assert env["AWS_SHARED_CREDENTIALS_FILE"]["value"] == f"{mount['mountPath']}/credentials"
+    assert volumes["s3-credentials"]["secret"] == {
+        "secretName": secret,
+        "defaultMode": 0o440,
+        "items": [{"key": store["credentialsFileKey"], "path": "credentials"}],
+    }
+
+
+def test_network_policies_allow_only_dns_the_store_and_the_api(case: Any) -> None:
+    _, values, rendered = case
+    policies = rendered.kind("NetworkPolicy")
+    if not values["networkPolicy"]["enabled"]:
+        assert not policies
+        return
+    np = values["networkPolicy"]
+    for who in ("stages", "controller"):
+        policy = rendered.one("NetworkPolicy", who)["spec"]
+        assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["ingress"] == []
+        egress = policy["egress"]
+        assert len(egress) == (3 if who == "controller" else 2)
+        dns, store = egress[0], egress[1]
+        assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+        assert dns.get("to", []) == np["dns"]["to"]
+        ports = [p["port"] for p in store["ports"]]
+        if np["store"]["ports"]:
+            assert ports == np["store"]["ports"]
+        elif values["minio"]["enabled"] and not values["store"]["endpoint"]:
+            assert ports == [9000]
+            selector = store["to"][0]["podSelector"]["matchLabels"]
+            assert selector["app.kubernetes.io/component"] == "minio"
+        else:
+            assert ports == [443]  # AWS S3, or the https endpoint of the test values
+        if who == "controller":
+            api = egress[2]
+            assert [p["port"] for p in api["ports"]] == np["apiServer"]["ports"]
+            assert api.get("to", []) == np["apiServer"]["to"]
+        # Which pods it selects: the pipeline's own pods of this release, never MinIO.
+        sel = policy["podSelector"]
+        assert sel["matchLabels"]["app.kubernetes.io/instance"] == cr.RELEASE
+        (expr,) = sel["matchExpressions"]
+        comps = set(expr["values"])
+        if who == "controller":
+            assert (expr["operator"], comps) == ("In", {"controller"})
+        else:
+            assert (expr["operator"], comps) == ("NotIn", {"controller", "minio"})
+
+
+def test_network_policy_store_port_follows_the_endpoint() -> None:
+    for endpoint, port in (
+        ("http://minio.data:9000", 9000),
+        ("https://s3.example.org", 443),
+        ("http://store.local", 80),
+    ):
+        rendered = cr.render([], {"store": {"endpoint": endpoint}})
+        store = rendered.one("NetworkPolicy", "stages")["spec"]["egress"][1]
+        assert [p["port"] for p in store["ports"]] == [port], endpoint
+    pinned = {
+        "networkPolicy": {"store": {"ports": [7480], "to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}]}}
+    }
+    store = cr.render([], pinned).one("NetworkPolicy", "controller")["spec"]["egress"][1]
+    assert store == {
+        "ports": [{"protocol": "TCP", "port": 7480}],
+        "to": [{"ipBlock": {"cidr": "10.1.0.0/16"}}],
+    }
+
+
+def test_pod_annotations_labels_and_image_digest(case: Any) -> None:
+    _, values, rendered = case
+    gpu_pool = values["pools"]["gpu"]["requestGpu"]
+    pods = [
+        (f"stages.yaml/{n}", j, gpu_pool and values["stages"][n]["pool"] == "gpu")
+        for n, j in rendered.stage_jobs().items()
+    ]
+    pods += [(o["kind"], o, False) for o in rendered.kind("Job") + rendered.kind("CronJob")]
+    for name, obj, gpu in pods:
+        spec = job_spec(obj)
+        assert spec is not None
+        meta = spec["template"]["metadata"]
+        assert meta.get("annotations", {}) == values["podAnnotations"], name
+        for key, value in values["podLabels"].items():
+            assert meta["labels"][key] == value, name
+        image = spec["template"]["spec"]["containers"][0]["image"]
+        digest = values["image"]["gpuDigest" if gpu else "digest"]
+        if digest:
+            assert image == f"{values['image']['repository']}@{digest}", name
+        else:
+            assert "@" not in image, name
+
+
+def test_minio_without_a_secret_is_refused() -> None:
+    with pytest.raises(Exception, match=r"minio\.enabled needs store\.existingSecret"):
+        cr.render([], {"minio": {"enabled": True}, "store": {"existingSecret": ""}})
 
 
 # --- jobs ------------------------------------------------------------------------------------
@@ -421,9 +568,13 @@ def test_stages_yaml_holds_one_complete_job_per_stage(case: Any) -> None:
     assert stages["namespace"] == cr.NAMESPACE
     assert stages["store"] == store
     assert list(stages["stages"]) == STAGE_NAMES
-    tag = values["image"]["tag"] or "0.1.0"  # the chart's appVersion
-    image = f"{values['image']['repository']}:{tag}"
-    gpu_image = f"{values['image']['repository']}:{values['image']['gpuTag'] or tag + '-gpu'}"
+    repo, tag = values["image"]["repository"], values["image"]["tag"] or "0.1.0"  # appVersion
+    image = f"{repo}:{tag}"
+    gpu_image = f"{repo}:{values['image']['gpuTag'] or tag + '-gpu'}"
+    if values["image"]["digest"]:  # a digest pins the image, whatever the tag
+        image = f"{repo}@{values['image']['digest']}"
+    if values["image"]["gpuDigest"]:
+        gpu_image = f"{repo}@{values['image']['gpuDigest']}"
     for name, entry in stages["stages"].items():
         assert set(entry) == {"job"}
         job = entry["job"]
@@ -622,6 +773,11 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "prefix with a leading slash": {"store": {"prefix": "/runs"}},
     "pull policy typo": {"image": {"pullPolicy": "IfNotPresnt"}},
     "misspelled minio key": {"minio": {"enabeld": True}},
+    "digest that is a tag": {"image": {"digest": "latest"}},
+    "credentials mode typo": {"store": {"credentials": "envv"}},
+    "network peer typo": {"networkPolicy": {"store": {"to": [{"podSelecter": {}}]}}},
+    "port out of range": {"networkPolicy": {"apiServer": {"ports": [70000]}}},
+    "service account key typo": {"serviceAccount": {"stage": {"annotations": {}}}},
 }
 
 

@@ -74,8 +74,14 @@ app.kubernetes.io/managed-by: skinlesion-controller
 
 {{/* --- object names (each a DNS label of at most 63 characters) --- */}}
 
+{{/* The controller's identity, bound to its Role. */}}
 {{- define "skinlesion.serviceAccountName" -}}
-{{- include "skinlesion.fullname" . }}
+{{- include "skinlesion.fullname" . | trunc 52 | trimSuffix "-" }}-controller
+{{- end }}
+
+{{/* The stage pods' identity: no RBAC, no API token; annotations for a store IAM role. */}}
+{{- define "skinlesion.stageServiceAccountName" -}}
+{{- include "skinlesion.fullname" . | trunc 56 | trimSuffix "-" }}-stages
 {{- end }}
 
 {{- define "skinlesion.controllerName" -}}
@@ -131,7 +137,12 @@ app.kubernetes.io/managed-by: skinlesion-controller
 {{- end }}
 {{- end }}
 
-{{/* S3 connection env: settings from values, credentials from the existing Secret. */}}
+{{/*
+S3 connection env: settings from values; credentials from the existing Secret, as
+environment variables (store.credentials: env) or as a mounted shared-credentials file
+(file: AWS_SHARED_CREDENTIALS_FILE); none when store.existingSecret is empty (the pod's
+identity: IRSA / Workload Identity through serviceAccount.*.annotations).
+*/}}
 {{- define "skinlesion.storeEnv" -}}
 - name: AWS_REGION
   value: {{ .Values.store.region | quote }}
@@ -139,6 +150,11 @@ app.kubernetes.io/managed-by: skinlesion-controller
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
 {{- end }}
+{{- if .Values.store.existingSecret }}
+{{- if eq .Values.store.credentials "file" }}
+- name: AWS_SHARED_CREDENTIALS_FILE
+  value: /etc/skinlesion-s3/credentials
+{{- else }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
@@ -150,17 +166,54 @@ app.kubernetes.io/managed-by: skinlesion-controller
       name: {{ .Values.store.existingSecret }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The credentials file's mount and volume (store.credentials: file); else empty. */}}
+{{- define "skinlesion.credentialsMount" -}}
+{{- if and .Values.store.existingSecret (eq .Values.store.credentials "file") }}
+- name: s3-credentials
+  mountPath: /etc/skinlesion-s3
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "skinlesion.credentialsVolume" -}}
+{{- if and .Values.store.existingSecret (eq .Values.store.credentials "file") }}
+- name: s3-credentials
+  secret:
+    secretName: {{ .Values.store.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.store.credentialsFileKey }}
+        path: credentials
+{{- end }}
+{{- end }}
+
+{{/* podAnnotations / podLabels of every pipeline pod (stage and controller). */}}
+{{- define "skinlesion.podExtraLabels" -}}
+{{- with .Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "skinlesion.podAnnotations" -}}
+{{- with .Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
 
 {{/* --- pods --- */}}
 
 {{/* The image of the `cpu` target (controller, CPU stages). */}}
 {{- define "skinlesion.image" -}}
-{{- include "skinlesion.imageRef" (dict "repository" .Values.image.repository "tag" (.Values.image.tag | default .Chart.AppVersion)) }}
+{{- include "skinlesion.imageRef" (dict "repository" .Values.image.repository "tag" (.Values.image.digest | default .Values.image.tag | default .Chart.AppVersion)) }}
 {{- end }}
 
 {{/* The image of the `gpu` target (stages that request GPUs): image.gpuTag or <tag>-gpu. */}}
 {{- define "skinlesion.gpuImage" -}}
-{{- $tag := .Values.image.gpuTag | default (printf "%s-gpu" (.Values.image.tag | default .Chart.AppVersion)) }}
+{{- $tag := .Values.image.gpuDigest | default .Values.image.gpuTag | default (printf "%s-gpu" (.Values.image.tag | default .Chart.AppVersion)) }}
 {{- include "skinlesion.imageRef" (dict "repository" .Values.image.repository "tag" $tag) }}
 {{- end }}
 
@@ -284,9 +337,11 @@ spec:
     metadata:
       labels:
         {{- include "skinlesion.stageLabels" $labels | nindent 8 }}
+        {{- include "skinlesion.podExtraLabels" $root | indent 8 }}
+      {{- include "skinlesion.podAnnotations" $root | nindent 6 }}
     spec:
       restartPolicy: Never
-      serviceAccountName: {{ include "skinlesion.serviceAccountName" $root }}
+      serviceAccountName: {{ include "skinlesion.stageServiceAccountName" $root }}
       automountServiceAccountToken: false
       enableServiceLinks: false
       terminationGracePeriodSeconds: 60
@@ -317,6 +372,7 @@ spec:
               mountPath: /scratch
             - name: tmp
               mountPath: /tmp
+            {{- include "skinlesion.credentialsMount" $root | nindent 12 }}
       volumes:
         - name: scratch
           emptyDir:
@@ -324,6 +380,7 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 1Gi
+        {{- include "skinlesion.credentialsVolume" $root | nindent 8 }}
 {{- end }}
 
 {{/*
@@ -335,6 +392,8 @@ The controller pod template, shared by the one-off Job and the CronJob.
 metadata:
   labels:
     {{- include "skinlesion.componentLabels" (dict "root" $root "component" "controller") | nindent 4 }}
+    {{- include "skinlesion.podExtraLabels" $root | indent 4 }}
+  {{- include "skinlesion.podAnnotations" $root | nindent 2 }}
 spec:
   restartPolicy: Never
   serviceAccountName: {{ include "skinlesion.serviceAccountName" $root }}
@@ -388,6 +447,7 @@ spec:
           readOnly: true
         - name: tmp
           mountPath: /tmp
+        {{- include "skinlesion.credentialsMount" $root | nindent 8 }}
   volumes:
     - name: config
       configMap:
@@ -395,6 +455,7 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: 1Gi
+    {{- include "skinlesion.credentialsVolume" $root | nindent 4 }}
 {{- end }}
 
 {{/* The controller Job spec (one-off Job and CronJob jobTemplate). (dict "root" $ "runArgs" ...) */}}
