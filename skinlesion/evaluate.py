@@ -1,8 +1,8 @@
 """Evaluate stage: the model on the validation split -> metrics, plots, report.
 
 Inputs: a train/finetune output (`model.keras`) and the prepare output (val
-shards). Outputs under the stage prefix: `metrics.json` (what `compute_metrics`
-returns: the contract in the README), `predictions.csv`, `confusion_matrix.png`,
+shards). Outputs under the stage prefix: `metrics.json` (exactly the keys
+of the contract, metrics.KEYS), `predictions.csv`, `confusion_matrix.png`,
 `roc.png`, `reliability.png`, and a self-contained `report.html`.
 """
 

@@ -35,6 +35,18 @@ MEL_SPECIFICITY = 0.80
 MEL_KEY = "sensitivity_at_specificity_0.80"
 _EPS = 1e-12  # tolerance on the specificity bound (0.8 is not exact in binary)
 
+KEYS = (  # of metrics.json, in this order (the contract in the README)
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "roc_auc_macro",
+    "melanoma",
+    "ece",
+    "n_images",
+)
+
 
 def _check_inputs(y_true: Any, proba: Any) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true)
