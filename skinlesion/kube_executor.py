@@ -17,20 +17,24 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from skinlesion import logs
-from skinlesion.errors import SkinlesionError, Terminated
+from skinlesion.errors import ConfigError, SkinlesionError, Terminated
 from skinlesion.kube_jobs import (
     CONTAINER,
     JOB_NAME_LABELS,
+    OomRetry,
     StagesFile,
     attempt_of,
     build_job,
     disrupted,
     exit_code_in_message,
     failed_condition,
+    format_quantity,
     job_name,
     job_state,
     labels,
     last_failed_pod,
+    memory_limit,
+    raised_memory_limit,
     stage_selector,
     terminated,
 )
@@ -71,6 +75,7 @@ class KubernetesExecutor:
         self.watch_timeout_s = watch_timeout_s
         self.current: str | None = None  # the Job this controller is waiting for
         self._adoptable: dict[str, dict[str, Any]] = {}  # stage -> its running Job
+        self._memory: dict[str, int] = {}  # stage -> memory limit raised after an OOM kill
         self._watch: JobWatch | None = None
 
     # building
@@ -79,7 +84,8 @@ class KubernetesExecutor:
         return labels(self.release, stage, run_id, attempt)
 
     def build_job(self, call: StageCall, run_id: str, attempt: int) -> dict[str, Any]:
-        return build_job(self.stages, call, self.namespace, self.release, run_id, attempt)
+        memory = self._memory.get(call.stage.name)
+        return build_job(self.stages, call, self.namespace, self.release, run_id, attempt, memory)
 
     # running
 
@@ -230,6 +236,44 @@ class KubernetesExecutor:
         except SkinlesionError as exc:
             logs.get().error("job_delete_failed", job=name, reason=why, error=str(exc))
 
+    def _oom_killed(self, stage: str, name: str, pod: Mapping[str, Any]) -> str:
+        """Say in one line that the stage ran out of memory, and give its next attempt more
+        (stages.<stage>.oomRetry). Returns the failure reason."""
+        shape_limit = memory_limit(self.stages.jobs[stage]["spec"]["template"]["spec"])
+        # The pod's own limit (what it was killed at); else what this controller gave it.
+        try:
+            limit = memory_limit(pod.get("spec") or {})
+        except ConfigError:  # a pod without the stage container: use what we know
+            limit = None
+        limit = limit if limit is not None else self._memory.get(stage, shape_limit)
+        reason = "OOMKilled" + (f" at memory limit {format_quantity(limit)}" if limit else "")
+        if limit is None or shape_limit is None:
+            logs.get().warning(
+                "stage_oom_killed",
+                step=stage,
+                job=name,
+                message=f"stage {stage} ran out of memory (OOMKilled, no memory limit set)",
+            )
+            return reason
+        retry = self.stages.oom.get(stage, OomRetry())
+        raised = raised_memory_limit(limit, retry, shape_limit)
+        self._memory[stage] = raised
+        more = (
+            f"the next attempt gets {format_quantity(raised)}"
+            if raised > limit
+            else f"it is at the cap (stages.{stage}.oomRetry.maxMemory), as it stays"
+        )
+        logs.get().warning(
+            "stage_oom_killed",
+            step=stage,
+            job=name,
+            memory_limit=format_quantity(limit),
+            next_memory_limit=format_quantity(raised),
+            message=f"stage {stage} ran out of memory (OOMKilled at limit "
+            f"{format_quantity(limit)}): {more}",
+        )
+        return reason
+
     def _failure(self, stage: str, job: Mapping[str, Any]) -> Outcome:
         """A Failed Job as an Outcome: exit code and log tail of its last failed pod."""
         from skinlesion.kube import ApiError
@@ -261,6 +305,8 @@ class KubernetesExecutor:
             tail = f"(no pod of Job {name} left to read a log from)"
         if exit_code is None:
             exit_code = exit_code_in_message(message)
+        if pod is not None and terminated(pod).get("reason") == "OOMKilled":
+            reason = self._oom_killed(stage, name, pod)
         detail = f"Job {name} failed: {reason}" + (f" ({message})" if message else "")
         if exit_code is not None:
             detail += f", exit code {exit_code}"

@@ -13,7 +13,7 @@ import copy
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from skinlesion import config
@@ -38,11 +38,21 @@ _EXIT_CODE_IN_MESSAGE = re.compile(r"failed with exit code (\d+)")
 
 
 @dataclass(frozen=True)
+class OomRetry:
+    """How a stage retried after an OOMKilled pod gets more memory: its container's memory
+    limit times `factor` per OOM, at most `max_memory_bytes` (0: 4x the shape's limit)."""
+
+    factor: float = 2.0
+    max_memory_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class StagesFile:
     release: str | None
     namespace: str | None
     store: str | None
     jobs: Mapping[str, dict[str, Any]]  # stage -> Job shape
+    oom: Mapping[str, OomRetry] = field(default_factory=dict)  # stage -> its OOM retry
 
 
 def load_stages(path: str) -> StagesFile:
@@ -52,6 +62,7 @@ def load_stages(path: str) -> StagesFile:
     if not isinstance(stages, dict) or not stages:
         raise ConfigError("stages", f"{path}: needs a 'stages' mapping of stage -> {{job: …}}")
     jobs: dict[str, dict[str, Any]] = {}
+    oom: dict[str, OomRetry] = {}
     for stage, entry in stages.items():
         job = entry.get("job") if isinstance(entry, dict) else None
         where = f"{path}: stages.{stage}.job"
@@ -63,12 +74,71 @@ def load_stages(path: str) -> StagesFile:
         if not any(isinstance(c, dict) and c.get("name") == CONTAINER for c in containers):
             raise ConfigError("stages", f"{where}: has no container named '{CONTAINER}'")
         jobs[str(stage)] = job
+        oom[str(stage)] = _oom_retry(entry.get("oomRetry") or {}, f"{path}: stages.{stage}")
     return StagesFile(
         release=data.get("release") or None,
         namespace=data.get("namespace") or None,
         store=data.get("store") or None,
         jobs=jobs,
+        oom=oom,
     )
+
+
+def _oom_retry(entry: Mapping[str, Any], where: str) -> OomRetry:
+    factor = entry.get("factor", OomRetry.factor)
+    if not isinstance(factor, int | float) or isinstance(factor, bool) or not 1 <= factor <= 16:
+        raise ConfigError("stages", f"{where}.oomRetry.factor: must be a number in [1, 16]")
+    cap = entry.get("maxMemory") or ""
+    try:
+        return OomRetry(float(factor), parse_quantity(str(cap)) if cap else 0)
+    except ValueError as exc:
+        raise ConfigError("stages", f"{where}.oomRetry.maxMemory: {exc}") from None
+
+
+# --- memory limits (Kubernetes quantities) -----------------------------------------------
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_UNITS = {
+    **{s: 1024 ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: 1000 ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+}
+
+
+def parse_quantity(text: str) -> int:
+    """Bytes of a memory quantity such as `8Gi`, `512Mi`, `1G` or `1000000`."""
+    m = _QUANTITY.match(text.strip())
+    if not m:
+        raise ValueError(f"not a memory quantity: {text!r} (e.g. 8Gi, 512Mi)")
+    return int(float(m.group(1)) * _UNITS.get(m.group(2) or "", 1))
+
+
+def format_quantity(size: int) -> str:
+    """Bytes as the largest binary unit that keeps an integer (`16Gi`), else Mi rounded up."""
+    for unit in ("Ei", "Pi", "Ti", "Gi", "Mi"):
+        if size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{-(-size // _UNITS['Mi'])}Mi"
+
+
+def stage_container(pod_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage container of a pod spec (a Job's template's, or a pod's)."""
+    for container in pod_spec.get("containers") or []:
+        if container.get("name") == CONTAINER:
+            return container  # type: ignore[no-any-return]
+    raise ConfigError("stages", f"the pod spec has no container named '{CONTAINER}'")
+
+
+def memory_limit(pod_spec: Mapping[str, Any]) -> int | None:
+    """The stage container's memory limit in bytes (None: no limit)."""
+    resources = stage_container(pod_spec).get("resources") or {}
+    limit = (resources.get("limits") or {}).get("memory")
+    return parse_quantity(str(limit)) if limit is not None else None
+
+
+def raised_memory_limit(current: int, retry: OomRetry, shape_limit: int) -> int:
+    """The limit of the attempt after an OOM kill: current x factor, at most the cap."""
+    cap = retry.max_memory_bytes or 4 * shape_limit
+    return max(current, min(int(current * retry.factor), cap))
 
 
 # --- names --------------------------------------------------------------------------------
@@ -125,9 +195,16 @@ def attempt_of(job: Mapping[str, Any]) -> int:
 
 
 def build_job(
-    stages: StagesFile, call: StageCall, namespace: str, release: str, run_id: str, attempt: int
+    stages: StagesFile,
+    call: StageCall,
+    namespace: str,
+    release: str,
+    run_id: str,
+    attempt: int,
+    memory: int | None = None,
 ) -> dict[str, Any]:
-    """The stage's Job shape (deep-copied), named, labelled, with the stage's args."""
+    """The stage's Job shape (deep-copied), named, labelled, with the stage's args (and
+    `memory` bytes as the stage container's memory limit, when given)."""
     stage = call.stage.name
     shape = stages.jobs.get(stage)
     if shape is None:
@@ -144,10 +221,12 @@ def build_job(
     template = job["spec"]["template"]
     tmeta = template.setdefault("metadata", {})
     tmeta["labels"] = {**(tmeta.get("labels") or {}), **ours}
-    for container in template["spec"]["containers"]:
-        if container.get("name") == CONTAINER:
-            # argv[0] is the subcommand, which jobs/<job>.py prepends itself.
-            container["args"] = [*call.argv[1:], "--run-id", run_id]
+    container = stage_container(template["spec"])
+    # argv[0] is the subcommand, which jobs/<job>.py prepends itself.
+    container["args"] = [*call.argv[1:], "--run-id", run_id]
+    if memory is not None:  # raised after an OOM kill
+        limits = container.setdefault("resources", {}).setdefault("limits", {})
+        limits["memory"] = format_quantity(memory)
     return job
 
 

@@ -304,8 +304,9 @@ class FakeKubelet:
     "ok" commits the expected manifest and completes the Job; "fail:N" fails it
     with a pod whose container exited N; "preempt" fails it with a disrupted pod
     (no podFailurePolicy); "evict-then-ok" has a disrupted pod replaced without
-    failing the Job (podFailurePolicy Ignore) and then completes; "hold" leaves
-    the Job running.
+    failing the Job (podFailurePolicy Ignore) and then completes; "oom" fails it with a
+    pod whose container the kernel killed at its memory limit (exit 137, OOMKilled);
+    "hold" leaves the Job running.
     """
 
     kmock: KMock
@@ -416,6 +417,9 @@ class FakeKubelet:
         elif action == "preempt":
             self._pod(job, exit_code=137, disrupted=True, log="node lost\n")
             self._fail(job, "BackoffLimitExceeded", BACKOFF_MESSAGE)
+        elif action == "oom":
+            self._pod(job, exit_code=137, log=f"{stage}: allocating\n", reason="OOMKilled")
+            self._fail(job, "BackoffLimitExceeded", "Job has reached the specified backoff limit")
         elif action.startswith("fail:"):
             code = int(action.split(":", 1)[1])
             lines = [f"{stage} line {i}" for i in range(150)] + [f"{stage}: error: exit {code}"]
@@ -483,7 +487,14 @@ class FakeKubelet:
         with self._changed:
             self._changed.notify_all()
 
-    def _pod(self, job: dict[str, Any], exit_code: int, log: str, disrupted: bool = False) -> str:
+    def _pod(
+        self,
+        job: dict[str, Any],
+        exit_code: int,
+        log: str,
+        disrupted: bool = False,
+        reason: str | None = None,
+    ) -> str:
         job_name = job["metadata"]["name"]
         name = f"{job_name}-{secrets.token_hex(3)}"[:63]
         conditions = []
@@ -523,7 +534,7 @@ class FakeKubelet:
                         "state": {
                             "terminated": {
                                 "exitCode": exit_code,
-                                "reason": "Completed" if exit_code == 0 else "Error",
+                                "reason": reason or ("Completed" if exit_code == 0 else "Error"),
                                 "finishedAt": _now(),
                             }
                         },

@@ -576,7 +576,8 @@ def test_stages_yaml_holds_one_complete_job_per_stage(case: Any) -> None:
     if values["image"]["gpuDigest"]:
         gpu_image = f"{repo}@{values['image']['gpuDigest']}"
     for name, entry in stages["stages"].items():
-        assert set(entry) == {"job"}
+        assert set(entry) == {"job", "oomRetry"}
+        assert entry["oomRetry"] == values["stages"][name]["oomRetry"]
         job = entry["job"]
         assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
         assert "name" not in job["metadata"] and "generateName" not in job["metadata"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from skinlesion import cli, config
@@ -32,7 +33,15 @@ from skinlesion.errors import (
 )
 from skinlesion.kube import Kube
 from skinlesion.kube_executor import LOG_TAIL_LINES, KubernetesExecutor
-from skinlesion.kube_jobs import job_name, load_stages, run_id_from_job_name
+from skinlesion.kube_jobs import (
+    OomRetry,
+    format_quantity,
+    job_name,
+    load_stages,
+    parse_quantity,
+    raised_memory_limit,
+    run_id_from_job_name,
+)
 from skinlesion.layout import RunLayout
 from skinlesion.lease import LeaseHeld, LeaseLost
 from skinlesion.pipeline import plan
@@ -241,6 +250,40 @@ def test_stages_file_without_stage_container_is_refused(tmp_path: Path) -> None:
         load_stages(str(path))
 
 
+def test_memory_quantities_and_the_raised_limit() -> None:
+    assert [parse_quantity(q) for q in ("8Gi", "512Mi", "1G", "1000", "1.5Gi")] == [
+        8 * 2**30, 512 * 2**20, 10**9, 1000, 3 * 2**29,
+    ]  # fmt: skip
+    assert [format_quantity(n) for n in (16 * 2**30, 1536 * 2**20, 10**9)] == [
+        "16Gi", "1536Mi", "954Mi",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="not a memory quantity"):
+        parse_quantity("lots")
+    gi = 2**30
+    assert raised_memory_limit(8 * gi, OomRetry(2.0, 0), 8 * gi) == 16 * gi
+    assert raised_memory_limit(16 * gi, OomRetry(2.0, 0), 8 * gi) == 32 * gi  # 4x the shape's
+    assert raised_memory_limit(32 * gi, OomRetry(2.0, 0), 8 * gi) == 32 * gi
+    assert raised_memory_limit(8 * gi, OomRetry(1.5, 10 * gi), 8 * gi) == 10 * gi
+
+
+@pytest.mark.parametrize(
+    ("retry", "error"),
+    [
+        ({"factor": 0.5}, r"oomRetry\.factor: must be a number in \[1, 16\]"),
+        ({"factor": "x"}, r"oomRetry\.factor"),
+        ({"maxMemory": "huge"}, r"stages\.prepare\.oomRetry\.maxMemory: not a memory quantity"),
+    ],
+)
+def test_a_bad_oom_retry_in_the_stages_file_is_named(
+    tmp_path: Path, retry: dict[str, Any], error: str
+) -> None:
+    path = tmp_path / "stages.yaml"
+    entry = {"job": stage_job("prepare"), "oomRetry": retry}
+    path.write_text(yaml.safe_dump({"release": RELEASE, "stages": {"prepare": entry}}))
+    with pytest.raises(ConfigError, match=error):
+        load_stages(str(path))
+
+
 def test_build_job_names_labels_and_args_without_touching_the_shape(
     stages_path: Path, store_uri: str, raw_uri: str
 ) -> None:
@@ -389,6 +432,38 @@ def test_preemption_is_retried_without_counting_as_failure(make_run: Callable[..
     assert [n for n in kubelet.names() if "-augment-" in n] == names(("augment", 1))
     logs = open_store(run.layout.logs_uri)
     assert logs.get_bytes("train-attempt-1.log").decode() == "node lost\n"
+
+
+def _limits(km: KMock, stage: str) -> list[str]:
+    """The stage container's memory limit of each Job of `stage`, in creation order."""
+    return [
+        r.data["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        for r in km.requests("POST", "jobs")
+        if r.data["metadata"]["labels"]["app.kubernetes.io/component"] == stage
+    ]
+
+
+def test_oom_killed_stage_is_named_and_retried_with_more_memory_up_to_the_cap(
+    km: KMock, stages_path: Path, store_uri: str, raw_uri: str, tmp_path: Path
+) -> None:
+    body = yaml.safe_load(stages_path.read_text())
+    body["stages"]["augment"]["job"]["spec"]["template"]["spec"]["containers"][0]["resources"][
+        "limits"
+    ] = {"memory": "1Gi"}
+    body["stages"]["augment"]["oomRetry"] = {"factor": 2, "maxMemory": "3Gi"}
+    stages_path.write_text(yaml.safe_dump(body))
+    run = Run(km, stages_path, store_uri, raw_uri, tmp_path, ["--set", "retries=3"])
+    with structlog.testing.capture_logs() as events, run.kubelet(augment=["oom", "oom", "oom"]):
+        assert run.controller() == 0
+    assert _limits(km, "augment") == ["1Gi", "2Gi", "3Gi", "3Gi"]  # x2, then capped
+    ooms = [e for e in events if e["event"] == "stage_oom_killed"]
+    assert [e["memory_limit"] for e in ooms] == ["1Gi", "2Gi", "3Gi"]
+    assert ooms[0]["message"] == (
+        "stage augment ran out of memory (OOMKilled at limit 1Gi): the next attempt gets 2Gi"
+    )
+    assert "at the cap (stages.augment.oomRetry.maxMemory)" in ooms[-1]["message"]
+    failed = [e for e in events if e["event"] == "job_failed"]
+    assert all(e["reason"].startswith("OOMKilled at memory limit") for e in failed)
 
 
 def test_stage_failure_is_an_error_naming_the_stage(make_run: Callable[..., Run]) -> None:
