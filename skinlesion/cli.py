@@ -172,6 +172,26 @@ def _run(args: argparse.Namespace) -> int:
     return run_local(cfg, store_uri=args.store, raw_uri=args.raw, run_id=args.run_id)
 
 
+def _cancel(args: argparse.Namespace) -> int:
+    from skinlesion import cancel
+    from skinlesion.layout import RunLayout
+
+    _store("--store", args.store)
+    layout = RunLayout(args.store, args.run_id)
+    if not open_store(layout.run_uri).list():
+        raise InputError(f"--run-id: no run '{layout.run_id}' in {layout.store}")
+    record = cancel.mark(layout, args.reason)
+    deleted: list[str] = []
+    if args.namespace:
+        from skinlesion.kube import Kube
+
+        kube = Kube.connect(args.kubeconfig, args.in_cluster)
+        deleted = cancel.delete_jobs(kube, args.namespace, args.release, layout.run_id)
+    logs.get().info("run_cancelled", run=layout.run_uri, jobs_deleted=deleted, **record)
+    print(f"run {layout.run_id}: cancelled ({len(deleted)} Jobs deleted); rerun it to resume")
+    return 0
+
+
 def _controller(args: argparse.Namespace) -> int:
     from skinlesion.controller import run_controller
 
@@ -235,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model URI: a stage output or .keras file")
     p.add_argument("images", nargs="+", help="image files (JPEG/PNG)")
     p.set_defaults(handler=_predict)
+
+    p = sub.add_parser(
+        "cancel",
+        help="cancel a run: mark it in the store, delete its Kubernetes Jobs",
+        description="Mark the run cancelled (the run loop stops at its next step) and, with "
+        "--namespace, delete its Jobs and their pods. Rerunning the same run id resumes it.",
+    )
+    p.add_argument("--store", default=(Path.cwd() / "store").as_uri(), help="store URI")
+    p.add_argument("--run-id", required=True, help="the run to cancel")
+    p.add_argument("--reason", default="cancelled by a user", help="recorded with the mark")
+    p.add_argument("--namespace", help="also delete the run's Jobs in this namespace")
+    p.add_argument("--release", default="skinlesion", help="Helm release of the Jobs")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG)")
+    where.add_argument("--in-cluster", action="store_true", default=None)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(handler=_cancel)
 
     for name, help_, handler in (
         ("run", "run every stage on this machine", _run),

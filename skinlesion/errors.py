@@ -9,6 +9,7 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_RUN_LOCKED = 3  # another live process writes this run: try again when it has ended
 EXIT_DAMAGED_RUN = 4  # the run's stored outputs contradict each other: a rerun repairs them
+EXIT_CANCELLED = 5  # `skinlesion cancel` marked the run: stopped, a rerun resumes it
 EXIT_INTERRUPTED = 143  # SIGTERM (128 + 15): pod eviction; state is saved, rerun resumes
 EXIT_CTRL_C = 130  # SIGINT (128 + 2), the shell's convention for Ctrl-C
 
@@ -51,6 +52,10 @@ class DamagedRun(SkinlesionError):
             f"damaged run: its stored outputs are inconsistent ({problem}); "
             "rerun the same run id to repair it"
         )
+
+
+class RunCancelled(SkinlesionError):
+    exit_code = EXIT_CANCELLED
 
 
 class StageFailed(SkinlesionError):

@@ -2,6 +2,7 @@
 
     <store>/raw/HAM10000/                    the dataset tree (metadata CSV + image folders)
     <store>/runs/<run-id>/lock.json          the run lock: one writer per run
+    <store>/runs/<run-id>/cancelled.json     the cancel mark (`skinlesion cancel`)
     <store>/runs/<run-id>/<stage>/           a stage's outputs (owner.json first,
                                              manifest.json last; state/ while it trains)
     <store>/runs/<run-id>/logs/<stage>-attempt-<n>.log
@@ -20,6 +21,7 @@ RAW_TREE = "raw/HAM10000"
 RUNS = "runs"
 LOGS = "logs"
 CHAMPION = "models/latest"
+CANCELLED = "cancelled.json"  # under the run's prefix
 
 MODEL_FILE = "model.keras"  # train / finetune / champion
 METRICS_FILE = "metrics.json"  # evaluate / champion

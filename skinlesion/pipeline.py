@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from skinlesion import config, logs, runlock
+from skinlesion import cancel, config, logs, runlock
 from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
 from skinlesion.fields import to_flags
@@ -221,8 +221,10 @@ def _run_stages(
 ) -> RunReport:
     log = logs.get()
     report = RunReport(layout.run_id)
+    cancel.clear(layout)  # this run resumes whatever an earlier, cancelled one left
     for call in plan(cfg, layout, raw_uri):
         lock.check()
+        cancel.check(layout)
         name = call.stage.name
         out = open_store(call.out_uri)
         expected = expected_fingerprint(call)
@@ -238,6 +240,7 @@ def _run_stages(
         while True:
             attempt += 1
             tries += 1
+            cancel.check(layout)
             log.info("stage_start", step=name, attempt=attempt, pool=call.stage.pool)
             outcome = executor.run(call, layout.run_id, attempt)
             lock.check()
@@ -246,6 +249,7 @@ def _run_stages(
                     raise StageFailed(name, "exited 0 but committed no manifest for these inputs")
                 break
             saved = _save_log(layout, name, attempt, outcome)
+            cancel.check(layout)  # e.g. its Job was deleted by the cancel: stop, do not retry
             if outcome.status == "preempted":
                 preemptions += 1
                 log.warning("stage_preempted", step=name, attempt=attempt, detail=outcome.detail)

@@ -21,7 +21,7 @@ from skinlesion.ham10000 import METADATA
 from skinlesion.storage import FileStore, open_store
 
 STAGES_WITH_CONFIG = ("prepare", "augment", "train", "evaluate", "promote")
-COMMANDS = (*STAGES_WITH_CONFIG, "predict", "sample-data", "run")
+COMMANDS = (*STAGES_WITH_CONFIG, "predict", "sample-data", "run", "cancel")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def base_args(command: str, p: Paths) -> list[str]:
         "predict": ["predict", "--model", m, str(p.binary)],
         "sample-data": ["sample-data", "--out", m, "--images", "70"],
         "run": ["run", "--store", m, "--preset", "tiny", "--run-id", "x"],
+        "cancel": ["cancel", "--store", m, "--run-id", "x"],
     }[command]
 
 
@@ -151,7 +152,13 @@ CASES: list[Case] = [
         lambda p: "train.batch",
     ),
     ("unknown-preset", ("run",), lambda a, p: replace(a, "--preset", "huge"), lambda p: "--preset"),
-    ("bad-run-id", ("run",), lambda a, p: replace(a, "--run-id", "Bad_Id"), lambda p: "run id"),
+    (
+        "bad-run-id",
+        ("run", "cancel"),
+        lambda a, p: replace(a, "--run-id", "Bad_Id"),
+        lambda p: "run id",
+    ),
+    ("cancel-unknown-run", ("cancel",), lambda a, p: a, lambda p: "no run 'x' in"),
     (
         "bad-field-value",
         STAGES_WITH_CONFIG,

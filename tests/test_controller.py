@@ -29,6 +29,7 @@ from skinlesion.errors import (
     EXIT_INTERRUPTED,
     ConfigError,
     InputError,
+    RunCancelled,
     StageFailed,
 )
 from skinlesion.kube import Kube
@@ -46,7 +47,7 @@ from skinlesion.layout import RunLayout
 from skinlesion.lease import LeaseHeld, LeaseLost
 from skinlesion.pipeline import plan
 from skinlesion.stages import STAGE_BY_NAME, STAGES
-from skinlesion.storage import open_store
+from skinlesion.storage import get_json, open_store
 from skinlesion.synthetic import write_sample_data
 from tests import jobshape
 from tests.kmock_server import FakeKubelet, KMock
@@ -500,6 +501,38 @@ def test_second_controller_is_refused_by_the_lease(make_run: Callable[..., Run])
         kubelet.finish(names(("prepare", 1))[0])
         assert first.result() == 0
     assert len(kubelet.jobs) == len(ORDER)
+
+
+def test_cancel_deletes_the_runs_jobs_marks_the_run_and_a_rerun_resumes(
+    make_run: Callable[..., Run], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = make_run("--set", "retries=3")
+    kubeconfig = run.tmp / "kubeconfig"
+    kubeconfig.write_text(run.km.kubeconfig(NS))
+    train = names(("train", 1))[0]
+    cancel_argv = ["cancel", "--store", run.layout.store_uri, "--run-id", RUN]
+    cancel_argv += ["--namespace", NS, "--release", RELEASE, "--kubeconfig", str(kubeconfig)]
+    with run.kubelet(train=["hold"]) as kubelet:
+        first = Background(run.controller)
+        kubelet.wait_for(lambda: train in kubelet.names(), timeout=60)
+        assert cli.main(cancel_argv) == 0
+        with pytest.raises(RunCancelled, match=f"run '{RUN}' was cancelled .*rerun"):
+            first.result()
+    # Every Job of the run (prepare's and augment's finished ones too), pods with them.
+    assert "cancelled (3 Jobs deleted)" in capsys.readouterr().out
+    deletes = run.km.requests("DELETE", "jobs")
+    assert [d.params.get("propagationPolicy") for d in deletes] == ["Background"] * 3
+    assert not any(j["metadata"]["name"] == train for j in run.km.objects("jobs"))
+    assert created_jobs(run.km).count(train) == 1  # not retried after the cancel
+    run_store = open_store(run.layout.run_uri)
+    assert get_json(run_store, "cancelled.json")["run_id"] == RUN
+    before = created_jobs(run.km)
+    with run.kubelet() as again:
+        assert run.controller() == 0
+    assert not run_store.exists("cancelled.json")
+    resumed = created_jobs(run.km)[len(before) :]
+    assert resumed[0] == names(("train", 2))[0]  # prepare and augment were not redone
+    assert len(again.jobs) == len(ORDER) - 2
 
 
 def test_controller_killed_mid_stage_is_restarted_and_adopts_the_job(

@@ -9,7 +9,7 @@ import pytest
 
 from skinlesion import cli, config
 from skinlesion.config import stage_settings
-from skinlesion.errors import EXIT_BAD_INPUT, InputError, StageFailed
+from skinlesion.errors import EXIT_BAD_INPUT, InputError, RunCancelled, StageFailed
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
 from skinlesion.pipeline import Outcome, StageCall, plan, run_pipeline
@@ -172,6 +172,33 @@ def test_a_rerun_numbers_its_attempts_after_the_saved_logs(tmp_path: Path, raw: 
     for attempt in (1, 2):
         text = logs.get_bytes(f"augment-attempt-{attempt}.log").decode()
         assert text == f"log of augment attempt {attempt}"
+
+
+class CancellingExecutor(ScriptedExecutor):
+    """`skinlesion cancel` arrives while the given stage runs (which then fails)."""
+
+    def __init__(self, layout: RunLayout, stage: str) -> None:
+        super().__init__({stage: ["1"]})
+        self.layout, self.stage = layout, stage
+
+    def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
+        if call.stage.name == self.stage and not self.calls:
+            assert cli.main(["cancel", "--store", self.layout.store_uri, "--run-id", run_id]) == 0
+        return super().run(call, run_id, attempt)
+
+
+def test_a_cancelled_run_stops_without_retry_and_a_rerun_resumes(tmp_path: Path, raw: str) -> None:
+    layout = _layout(tmp_path)
+    ex = CancellingExecutor(layout, "prepare")
+    with pytest.raises(RunCancelled, match=r"was cancelled at .* rerun the same run id"):
+        _run(tmp_path, raw, ex, retries=3)
+    assert ex.calls == [("prepare", 1)]  # its failure is not retried once cancelled
+    assert open_store(layout.run_uri).exists("cancelled.json")
+    again = ScriptedExecutor()
+    report = _run(tmp_path, raw, again, retries=0)
+    assert again.calls[0] == ("prepare", 2) and report.stages[-1].stage == "promote"
+    assert not open_store(layout.run_uri).exists("cancelled.json")
+    assert cli.main(["cancel", "--store", "bad://x", "--run-id", "r1"]) == EXIT_BAD_INPUT
 
 
 def test_a_retry_that_succeeds_continues_the_run(tmp_path: Path, raw: str) -> None:

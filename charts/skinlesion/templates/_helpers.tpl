@@ -287,7 +287,7 @@ affinity:
 Job podFailurePolicy: a pod lost to node preemption or eviction (DisruptionTarget)
 is not counted; exit codes that a retry of the same pod cannot help fail the Job at
 once (errors.py): 2 bad input, 3 another writer holds the run, 4 damaged run (the
-pipeline reruns the stale stages on the next run instead).
+pipeline reruns the stale stages on the next run instead), 5 the run was cancelled.
 Call with the container name.
 */}}
 {{- define "skinlesion.podFailurePolicy" -}}
@@ -300,7 +300,7 @@ rules:
     onExitCodes:
       containerName: {{ . }}
       operator: In
-      values: [2, 3, 4]
+      values: [2, 3, 4, 5]
 {{- end }}
 
 {{/*
