@@ -26,7 +26,7 @@ from skinlesion.fields import to_flags
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import fingerprint, input_fingerprints, is_done
 from skinlesion.stages import INPUTS, STAGES, Stage
-from skinlesion.storage import open_store
+from skinlesion.storage import check_inside, open_store
 
 MAX_PREEMPTIONS = 20  # node losses are not failures, but a run must still end
 
@@ -207,6 +207,8 @@ def run_pipeline(
     The run's lock (runlock.py) is held throughout: a second run of the same id on
     the same store is refused (RunLocked) instead of writing the same prefixes.
     """
+    for uri in (layout.run_uri, layout.champion_uri):
+        check_inside(layout.store, uri)
     with runlock.hold(open_store(layout.run_uri), layout.run_id, lock_ttl_s) as lock:
         return _run_stages(cfg, layout, executor, raw_uri, retry_delay_s, lock)
 

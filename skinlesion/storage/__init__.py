@@ -29,6 +29,7 @@ __all__ = [
     "ObjectInfo",
     "S3Store",
     "Store",
+    "check_inside",
     "download_prefix",
     "file_uri_path",
     "get_json",
@@ -71,3 +72,13 @@ def open_store(uri: str) -> Store:
     raise InputError(
         f"unsupported store URI scheme '{parsed.scheme}' in {uri!r} (s3:// or file://)"
     )
+
+
+def check_inside(store_uri: str, uri: str) -> None:
+    """Refuse a prefix of a store that leads out of it (a symlinked directory of a file
+    store): the store's writes would land elsewhere on the disk."""
+    store, sub = open_store(store_uri), open_store(uri)
+    if not (isinstance(store, FileStore) and isinstance(sub, FileStore)):
+        return
+    if not sub.root.is_relative_to(store.root):
+        raise InputError(f"{uri} leads out of the store {store.uri} (a symlink): refused")

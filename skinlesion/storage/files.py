@@ -23,10 +23,21 @@ class FileStore:
             raise InputError(f"{self.root} is a file, not a directory (a store is a directory)")
 
     def child(self, *parts: str) -> FileStore:
-        return FileStore(self.root / child_key(parts))
+        sub = FileStore(self.root / child_key(parts))
+        if not sub.root.is_relative_to(self.root):
+            raise InputError(f"{self.uri}/{child_key(parts)} leads out of the store (a symlink)")
+        return sub
 
     def _path(self, key: str) -> Path:
-        return self.root / safe_key(key)
+        """The file of `key`; a key whose path leads out of the root (through a symlink
+        in the tree) is refused: a store never reads or writes outside its directory."""
+        path = self.root / safe_key(key)
+        if not path.resolve().is_relative_to(self.root):
+            raise InputError(f"{self.uri}/{key} leads out of the store (a symlink): refused")
+        return path
+
+    def _inside(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.root)
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -72,10 +83,21 @@ class FileStore:
         base = self.root / safe_key(prefix) if prefix else self.root
         if not base.is_dir():  # a file named `prefix` is not listed: same as S3
             return []
+        if not self._inside(base):
+            raise InputError(f"{self.uri}/{prefix} leads out of the store (a symlink): refused")
         out = []
-        for path in base.rglob("*"):
-            if path.is_file() and not path.name.startswith(".tmp-"):
-                out.append(ObjectInfo(path.relative_to(self.root).as_posix(), path.stat().st_size))
+        for dirpath, dirnames, filenames in os.walk(base):  # never into symlinked directories
+            folder = Path(dirpath)
+            for name in filenames:
+                path = folder / name
+                if name.startswith(".tmp-"):
+                    continue
+                if not self._inside(path):  # listed, so that reading it names the refusal
+                    out.append(ObjectInfo(path.relative_to(self.root).as_posix(), 0))
+                elif path.is_file():
+                    size = path.stat().st_size
+                    out.append(ObjectInfo(path.relative_to(self.root).as_posix(), size))
+            dirnames.sort()
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
