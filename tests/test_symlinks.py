@@ -45,7 +45,7 @@ def test_a_directory_symlinked_out_of_the_store_is_refused(tmp_path: Path) -> No
     store = FileStore(tmp_path / "store")
     store.put_bytes("raw/x", b"x")
     os.symlink(elsewhere, tmp_path / "store" / "runs")
-    with pytest.raises(InputError, match="runs/r1/prepare/out.bin leads out of the store"):
+    with pytest.raises(InputError, match=r"runs/r1/prepare/out\.bin leads out of the store"):
         store.put_bytes("runs/r1/prepare/out.bin", b"data")
     with pytest.raises(InputError, match="leads out of the store"):
         store.child("runs", "r1")
