@@ -28,7 +28,7 @@ def skinlesion_run(
     """Run the whole pipeline in a child process; its output captured as text."""
     return subprocess.run(
         run_command(store, *extra, preset=preset, run_id=run_id),
-        env=run_env(),
+        env=kwargs.pop("env", None) or run_env(),
         capture_output=True,
         text=True,
         timeout=kwargs.pop("timeout", RUN_TIMEOUT_S),
