@@ -31,6 +31,8 @@ from skinlesion.errors import (
 from skinlesion.stages import job_inputs
 from skinlesion.storage import Store, open_store
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 def _store(flag: str, uri: str) -> Store:
     """The store a flag names; a bad URI or path is an error naming the flag."""
@@ -57,7 +59,7 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", default="-", help="run id for log lines (and the run's prefix)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
 
 
 def _stage_parser(
@@ -192,6 +194,26 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from skinlesion import run_status
+
+    _store("--store", args.store)
+    if args.action == "show":
+        if args.run_id not in run_status.run_ids(args.store):
+            raise InputError(f"RUN_ID: no run '{args.run_id}' in {args.store}")
+        status = run_status.run_status(args.store, args.run_id)
+        print(
+            json.dumps(status.to_json(), indent=2) if args.json else run_status.format_show(status)
+        )
+        return 0
+    statuses = [run_status.run_status(args.store, r) for r in run_status.run_ids(args.store)]
+    if args.json:
+        print(json.dumps([s.to_json() for s in statuses], indent=2))
+    else:
+        print(run_status.format_list(statuses))
+    return 0
+
+
 def _controller(args: argparse.Namespace) -> int:
     from skinlesion.controller import run_controller
 
@@ -256,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (JPEG/PNG)")
     p.set_defaults(handler=_predict)
 
+    p = sub.add_parser("runs", help="the runs in a store and their stages' states")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, help_ in (("list", "every run, one line each"), ("show", "one run, per stage")):
+        q = actions.add_parser(action, help=help_, description=help_)
+        q.add_argument("--store", default=(Path.cwd() / "store").as_uri(), help="store URI")
+        q.add_argument("--json", action="store_true", help="print JSON")
+        q.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
+        q.set_defaults(handler=_runs, run_id="-")
+        if action == "show":
+            q.add_argument("run_id", metavar="RUN_ID")
+    p.set_defaults(handler=_runs, run_id="-", log_level="WARNING")
+
     p = sub.add_parser(
         "cancel",
         help="cancel a run: mark it in the store, delete its Kubernetes Jobs",
@@ -270,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG)")
     where.add_argument("--in-cluster", action="store_true", default=None)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     p.set_defaults(handler=_cancel)
 
     for name, help_, handler in (
@@ -298,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECTION.FIELD=VALUE",
             help="override one config field (repeatable)",
         )
-        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
         p.set_defaults(handler=handler)
         if name == "controller":
             add_controller_arguments(p)

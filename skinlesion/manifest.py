@@ -47,6 +47,7 @@ _PROTOCOL_FIELDS = frozenset(
         "settings",
         "inputs",
         "sources",
+        "started_at",
         "files",
         "created_at",
         "skinlesion_version",
@@ -284,6 +285,7 @@ def commit_stage(
     """
     log = logs.get()
     check_disjoint(stage, out.uri, input_uris or {})
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     fp = fingerprint(stage, settings, inputs)
     existing = _manifest_or_none(out)
     if existing is not None and _current(existing, fp) and not force:
@@ -318,6 +320,7 @@ def commit_stage(
                 "settings": dict(settings),
                 "inputs": dict(inputs),
                 "sources": dict(input_uris or {}),  # where each input was read (lineage)
+                "started_at": started,  # this attempt's start (runs show: durations)
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "skinlesion_version": __version__,
                 **extra,

@@ -251,3 +251,11 @@ def hold(run_store: Store, run_id: str, ttl_s: float = DEFAULT_TTL_S) -> Iterato
         yield lock
     finally:
         lock.release()
+
+
+def holder(run_store: Store) -> Holder | None:
+    """Who holds the run's lock now (None: nobody, or the lock expired)."""
+    if not run_store.exists(LOCK_KEY):
+        return None
+    found = _parse(run_store.get_bytes(LOCK_KEY))
+    return found if found is not None and not found.expired(time.time()) else None
