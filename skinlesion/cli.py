@@ -214,6 +214,19 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc(args: argparse.Namespace) -> int:
+    from skinlesion import retention
+
+    _store("--store", args.store)
+    rows = retention.collect(args.store, args.keep_last, args.older_than, args.dry_run)
+    for r in rows:
+        print(f"{r['action']:<13}{r['run_id']:<24}{r['objects']:>7} objects  ({r['why']})")
+    deleted = [r for r in rows if r["action"] != "keep"]
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(deleted)} of {len(rows)} runs")
+    return 0
+
+
 def _controller(args: argparse.Namespace) -> int:
     from skinlesion.controller import run_controller
 
@@ -289,6 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "show":
             q.add_argument("run_id", metavar="RUN_ID")
     p.set_defaults(handler=_runs, run_id="-", log_level="WARNING")
+
+    p = sub.add_parser(
+        "gc",
+        help="delete old runs' outputs (never the champion's lineage)",
+        description="Delete the outputs of old runs: all but the newest --keep-last, and only "
+        "those older than --older-than days when given. The run the champion was built "
+        "from and running runs are kept. A rerun of a deleted run id recomputes it.",
+    )
+    p.add_argument("--store", default=(Path.cwd() / "store").as_uri(), help="store URI")
+    p.add_argument("--keep-last", type=_int_in(0, 1_000_000), required=True, metavar="N")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="only runs older than this")
+    p.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    p.set_defaults(handler=_gc, run_id="-")
 
     p = sub.add_parser(
         "cancel",

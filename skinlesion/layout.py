@@ -78,6 +78,15 @@ class RunLayout:
         return f"{self.store}/{CHAMPION}"
 
 
+def run_of(store_uri: str, uri: str) -> str | None:
+    """The run id of a prefix under `<store>/runs/<id>/`, else None."""
+    prefix = f"{store_uri.rstrip('/')}/{RUNS}/"
+    if not uri.startswith(prefix):
+        return None
+    run_id = uri[len(prefix) :].split("/", 1)[0]
+    return run_id or None
+
+
 def sibling_stage_uri(uri: str, name: str) -> str | None:
     """`…/runs/<id>/evaluate` -> `…/runs/<id>/<name>`; None when `uri` has no parent."""
     safe_segment(name, "stage name")
