@@ -30,6 +30,7 @@ from skinlesion.errors import (
 )
 from skinlesion.stages import job_inputs
 from skinlesion.storage import Store, open_store
+from skinlesion.userinput import one_line
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -404,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except SkinlesionError as exc:
         log.error("failed", error=str(exc), exit_code=exc.exit_code)
-        print(f"skinlesion {args.command}: error: {exc}", file=sys.stderr)
+        print(f"skinlesion {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except (KeyboardInterrupt, Terminated) as exc:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a parent's SIGTERM after Ctrl-C

@@ -52,13 +52,22 @@ def describe(exc: BaseException) -> str:
 INPUT_ERRORS = (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines, tabs, ...) escaped: an error message
+    stays one line whatever value it quotes."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 @contextlib.contextmanager
 def about(what: str) -> Iterator[None]:
     """Turn the errors of reading/decoding/parsing `what` into `InputError("what: ...")`."""
     try:
         yield
     except INPUT_ERRORS as exc:
-        raise InputError(f"{what}: {describe(exc)}") from None
+        raise InputError(f"{one_line(what)}: {describe(exc)}") from None
 
 
 def read_bytes(path: str | Path, what: str = "") -> bytes:
