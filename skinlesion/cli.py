@@ -14,12 +14,13 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from skinlesion import config, fields, logs, scratch
+from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
 from skinlesion.cli_controller import add_controller_arguments
+from skinlesion.cli_tools import add_store_tools
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
     EXIT_CTRL_C,
@@ -29,33 +30,7 @@ from skinlesion.errors import (
     Terminated,
 )
 from skinlesion.stages import job_inputs
-from skinlesion.storage import Store, open_store
 from skinlesion.userinput import one_line
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _store(flag: str, uri: str) -> Store:
-    """The store a flag names; a bad URI or path is an error naming the flag."""
-    try:
-        return open_store(uri)
-    except InputError as exc:
-        raise InputError(f"{flag}: {exc}") from None
-
-
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high] (argparse names the flag)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
-        return value
-
-    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -83,7 +58,7 @@ def _stage_parser(
 def _sample_data(args: argparse.Namespace) -> int:
     from skinlesion.synthetic import write_sample_data
 
-    summary = write_sample_data(_store("--out", args.out), images=args.images, seed=args.seed)
+    summary = write_sample_data(store_flag("--out", args.out), images=args.images, seed=args.seed)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -93,11 +68,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
     cfg = config.section_from_args(config.PrepareConfig, args, "prepare")
     if args.dry_run:
-        print(json.dumps(prepare.plan_split(cfg, _store("--raw", args.raw)), indent=2))
+        print(json.dumps(prepare.plan_split(cfg, store_flag("--raw", args.raw)), indent=2))
         return 0
     if not args.out:
         raise InputError("--out is required unless --dry-run")
-    raw, out = _store("--raw", args.raw), _store("--out", args.out)
+    raw, out = store_flag("--raw", args.raw), store_flag("--out", args.out)
     logs.import_tensorflow()
     prepare.run_prepare(cfg, raw, out, force=args.force)
     return 0
@@ -107,7 +82,7 @@ def _augment(args: argparse.Namespace) -> int:
     from skinlesion import augment
 
     cfg = config.section_from_args(config.AugmentConfig, args, "augment")
-    prepared, out = _store("--prepared", args.prepared), _store("--out", args.out)
+    prepared, out = store_flag("--prepared", args.prepared), store_flag("--out", args.out)
     logs.import_tensorflow()
     augment.run_augment(cfg, prepared, out, force=args.force)
     return 0
@@ -117,12 +92,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config.section_from_args(config.TrainConfig, args, "train")
     if args.phase == "finetune" and not args.init_model:
         raise InputError("--phase finetune needs --init-model (the top phase's output)")
-    init = _store("--init-model", args.init_model) if args.init_model else None
+    init = store_flag("--init-model", args.init_model) if args.init_model else None
     train_data, val_data = (
-        _store("--train-data", args.train_data),
-        _store("--val-data", args.val_data),
+        store_flag("--train-data", args.train_data),
+        store_flag("--val-data", args.val_data),
     )
-    out = _store("--out", args.out)
+    out = store_flag("--out", args.out)
     logs.import_tensorflow()
     from skinlesion import train
 
@@ -134,8 +109,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from skinlesion import evaluate
 
     cfg = config.section_from_args(config.EvaluateConfig, args, "evaluate")
-    model, val_data = _store("--model", args.model), _store("--val-data", args.val_data)
-    out = _store("--out", args.out)
+    model, val_data = store_flag("--model", args.model), store_flag("--val-data", args.val_data)
+    out = store_flag("--out", args.out)
     logs.import_tensorflow()
     evaluate.run_evaluate(cfg, model, val_data, out, force=args.force)
     return 0
@@ -147,12 +122,12 @@ def _promote(args: argparse.Namespace) -> int:
     cfg = config.section_from_args(config.PromoteConfig, args, "promote")
     promote.run_promote(
         cfg,
-        _store("--candidate", args.candidate),
-        _store("--model", args.model),
-        _store("--target", args.target),
+        store_flag("--candidate", args.candidate),
+        store_flag("--model", args.model),
+        store_flag("--target", args.target),
         run_id=args.run_id,
         force=args.force,
-        out=_store("--out", args.out) if args.out else None,
+        out=store_flag("--out", args.out) if args.out else None,
     )
     return 0
 
@@ -169,63 +144,10 @@ def _run(args: argparse.Namespace) -> int:
     from skinlesion.local_run import run_local
 
     cfg = config.load_pipeline(args.preset, args.config, args.set)
-    _store("--store", args.store)
+    store_flag("--store", args.store)
     if args.raw:
-        _store("--raw", args.raw)
+        store_flag("--raw", args.raw)
     return run_local(cfg, store_uri=args.store, raw_uri=args.raw, run_id=args.run_id)
-
-
-def _cancel(args: argparse.Namespace) -> int:
-    from skinlesion import cancel
-    from skinlesion.layout import RunLayout
-
-    _store("--store", args.store)
-    layout = RunLayout(args.store, args.run_id)
-    if not open_store(layout.run_uri).list():
-        raise InputError(f"--run-id: no run '{layout.run_id}' in {layout.store}")
-    record = cancel.mark(layout, args.reason)
-    deleted: list[str] = []
-    if args.namespace:
-        from skinlesion.kube import Kube
-
-        kube = Kube.connect(args.kubeconfig, args.in_cluster)
-        deleted = cancel.delete_jobs(kube, args.namespace, args.release, layout.run_id)
-    logs.get().info("run_cancelled", run=layout.run_uri, jobs_deleted=deleted, **record)
-    print(f"run {layout.run_id}: cancelled ({len(deleted)} Jobs deleted); rerun it to resume")
-    return 0
-
-
-def _runs(args: argparse.Namespace) -> int:
-    from skinlesion import run_status
-
-    _store("--store", args.store)
-    if args.action == "show":
-        if args.run_id not in run_status.run_ids(args.store):
-            raise InputError(f"RUN_ID: no run '{args.run_id}' in {args.store}")
-        status = run_status.run_status(args.store, args.run_id)
-        print(
-            json.dumps(status.to_json(), indent=2) if args.json else run_status.format_show(status)
-        )
-        return 0
-    statuses = [run_status.run_status(args.store, r) for r in run_status.run_ids(args.store)]
-    if args.json:
-        print(json.dumps([s.to_json() for s in statuses], indent=2))
-    else:
-        print(run_status.format_list(statuses))
-    return 0
-
-
-def _gc(args: argparse.Namespace) -> int:
-    from skinlesion import retention
-
-    _store("--store", args.store)
-    rows = retention.collect(args.store, args.keep_last, args.older_than, args.dry_run)
-    for r in rows:
-        print(f"{r['action']:<13}{r['run_id']:<24}{r['objects']:>7} objects  ({r['why']})")
-    deleted = [r for r in rows if r["action"] != "keep"]
-    verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb} {len(deleted)} of {len(rows)} runs")
-    return 0
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -246,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _stage_parser(sub, "sample-data", "write a synthetic HAM10000-format tree")
     p.add_argument("--out", required=True, help="store URI of the tree (…/raw/HAM10000)")
-    p.add_argument("--images", type=_int_in(0, config.MAX_IMAGES), default=1500)
-    p.add_argument("--seed", type=_int_in(0, config.SEED_MAX), default=0)
+    p.add_argument("--images", type=int_in(0, config.MAX_IMAGES), default=1500)
+    p.add_argument("--seed", type=int_in(0, config.SEED_MAX), default=0)
     p.set_defaults(handler=_sample_data)
 
     p = _stage_parser(
@@ -292,48 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (JPEG/PNG)")
     p.set_defaults(handler=_predict)
 
-    p = sub.add_parser("runs", help="the runs in a store and their stages' states")
-    actions = p.add_subparsers(dest="action", required=True)
-    for action, help_ in (("list", "every run, one line each"), ("show", "one run, per stage")):
-        q = actions.add_parser(action, help=help_, description=help_)
-        q.add_argument("--store", default=(Path.cwd() / "store").as_uri(), help="store URI")
-        q.add_argument("--json", action="store_true", help="print JSON")
-        q.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
-        q.set_defaults(handler=_runs, run_id="-")
-        if action == "show":
-            q.add_argument("run_id", metavar="RUN_ID")
-    p.set_defaults(handler=_runs, run_id="-", log_level="WARNING")
-
-    p = sub.add_parser(
-        "gc",
-        help="delete old runs' outputs (never the champion's lineage)",
-        description="Delete the outputs of old runs: all but the newest --keep-last, and only "
-        "those older than --older-than days when given. The run the champion was built "
-        "from and running runs are kept. A rerun of a deleted run id recomputes it.",
-    )
-    p.add_argument("--store", default=(Path.cwd() / "store").as_uri(), help="store URI")
-    p.add_argument("--keep-last", type=_int_in(0, 1_000_000), required=True, metavar="N")
-    p.add_argument("--older-than", type=float, metavar="DAYS", help="only runs older than this")
-    p.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
-    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
-    p.set_defaults(handler=_gc, run_id="-")
-
-    p = sub.add_parser(
-        "cancel",
-        help="cancel a run: mark it in the store, delete its Kubernetes Jobs",
-        description="Mark the run cancelled (the run loop stops at its next step) and, with "
-        "--namespace, delete its Jobs and their pods. Rerunning the same run id resumes it.",
-    )
-    p.add_argument("--store", default=(Path.cwd() / "store").as_uri(), help="store URI")
-    p.add_argument("--run-id", required=True, help="the run to cancel")
-    p.add_argument("--reason", default="cancelled by a user", help="recorded with the mark")
-    p.add_argument("--namespace", help="also delete the run's Jobs in this namespace")
-    p.add_argument("--release", default="skinlesion", help="Helm release of the Jobs")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG)")
-    where.add_argument("--in-cluster", action="store_true", default=None)
-    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
-    p.set_defaults(handler=_cancel)
+    add_store_tools(sub)
 
     for name, help_, handler in (
         ("run", "run every stage on this machine", _run),
@@ -342,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument(
             "--store",
-            default=(Path.cwd() / "store").as_uri(),
+            default=default_store(),
             help="store URI (default: ./store)",
         )
         p.add_argument("--raw", help="HAM10000 tree URI (default: <store>/raw/HAM10000)")
