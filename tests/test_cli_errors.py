@@ -21,7 +21,8 @@ from skinlesion.ham10000 import METADATA
 from skinlesion.storage import FileStore, open_store
 
 STAGES_WITH_CONFIG = ("prepare", "augment", "train", "evaluate", "promote")
-COMMANDS = (*STAGES_WITH_CONFIG, "predict", "sample-data", "run", "cancel")
+COMMANDS = (*STAGES_WITH_CONFIG, "predict", "sample-data", "run", "cancel", "gc")
+# `runs list|show` has its own bad-input tests (tests/test_run_status.py).
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def base_args(command: str, p: Paths) -> list[str]:
         "sample-data": ["sample-data", "--out", m, "--images", "70"],
         "run": ["run", "--store", m, "--preset", "tiny", "--run-id", "x"],
         "cancel": ["cancel", "--store", m, "--run-id", "x"],
+        "gc": ["gc", "--store", m, "--keep-last", "2"],
     }[command]
 
 
@@ -238,7 +240,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 def test_every_command_is_in_the_table() -> None:
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) - {"controller"} == set(COMMANDS)  # type: ignore[arg-type]
+    assert set(sub.choices) - {"controller", "runs"} == set(COMMANDS)  # type: ignore[arg-type]
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -107,6 +107,8 @@ def test_runs_list_and_show_every_state(
     assert code == 0 and out.startswith("run failed-run: failed")
     assert "augment   failed     2" in out
     assert cli.main(["runs", "show", "nope", "--store", store.uri]) == EXIT_BAD_INPUT
+    assert cli.main(["runs", "list", "--store", "ftp://host/x"]) == EXIT_BAD_INPUT
+    assert cli.main(["runs", "list", "--store", store.uri, "--frobnicate"]) == EXIT_BAD_INPUT
 
 
 def test_a_run_holding_its_lock_is_running(store: Store, raw: str) -> None:
