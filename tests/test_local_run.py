@@ -37,10 +37,10 @@ def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> Non
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    state = root / "runs/e2e/train/state"
+    state = root / "runs/e2e/train/state/state.json"  # written last, after the files it names
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        while not (state.is_dir() and any(state.iterdir())):
+        while not state.is_file():
             assert proc.poll() is None, "the run ended before training saved any state"
             assert time.monotonic() < deadline, "no training state in time"
             time.sleep(0.5)

@@ -272,9 +272,7 @@ def test_run_pipeline_releases_the_lock_when_interrupted(tmp_path: Path, raw: st
 
 
 def _run_cmd(store_uri: str) -> list[str]:
-    # The lock spans the whole run; augment and fine-tune add nothing to what is tested.
-    short = ("--set", "augment.enabled=false", "--set", "train.finetune_epochs=0")
-    return run_command(store_uri, *short, run_id="same")
+    return run_command(store_uri, run_id="same")
 
 
 def _wait_for_lock(path: Path, proc: subprocess.Popen[str]) -> dict[str, Any]:
