@@ -226,7 +226,6 @@ def _run_stages(
     cancel.clear(layout)  # this run resumes whatever an earlier, cancelled one left
     for call in plan(cfg, layout, raw_uri):
         lock.check()
-        cancel.check(layout)
         name = call.stage.name
         out = open_store(call.out_uri)
         expected = expected_fingerprint(call)
