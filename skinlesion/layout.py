@@ -75,7 +75,12 @@ class RunLayout:
 
     @property
     def champion_uri(self) -> str:
-        return f"{self.store}/{CHAMPION}"
+        return champion_uri(self.store)
+
+
+def champion_uri(store_uri: str) -> str:
+    """The champion prefix of a store (no run needed)."""
+    return f"{store_uri.rstrip('/')}/{CHAMPION}"
 
 
 def run_of(store_uri: str, uri: str) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from skinlesion import logs, runlock
 from skinlesion.errors import InputError
-from skinlesion.layout import RunLayout, run_of
+from skinlesion.layout import RunLayout, champion_uri, run_of
 from skinlesion.manifest import MANIFEST, read_manifest
 from skinlesion.run_status import run_ids
 from skinlesion.stages import STAGES
@@ -42,12 +42,11 @@ def _newest(layout: RunLayout) -> str | None:
 
 def _champion_runs(store_uri: str) -> set[str]:
     """The runs the champion's model and evaluation prefixes lie in."""
-    layout = RunLayout(store_uri, "x")
-    champion = read_manifest(open_store(layout.champion_uri))
+    champion = read_manifest(open_store(champion_uri(store_uri)))
     if champion is None:
         return set()
     uris = (str(champion.get(key) or "") for key in ("model_uri", "evaluation_uri"))
-    runs = {run for run in (run_of(layout.store, uri) for uri in uris) if run}
+    runs = {run for run in (run_of(store_uri, uri) for uri in uris) if run}
     if isinstance(champion.get("run_id"), str):
         runs.add(champion["run_id"])
     return runs
