@@ -406,6 +406,9 @@ def _start_run(store: Path) -> subprocess.Popen[str]:
         text=True,
         env=_env(),
         start_new_session=True,
+        # As from a terminal: a shell's background job (`cmd &` in a script, as CI may run us)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
