@@ -2,7 +2,7 @@
 
 Inputs: a train/finetune output (`model.keras`) and the prepare output (val
 shards). Outputs under the stage prefix: `metrics.json` (exactly the keys
-of the contract, metrics.KEYS), `predictions.csv`, `confusion_matrix.png`,
+of the contract, metrics.FILE_KEYS), `predictions.csv`, `confusion_matrix.png`,
 `roc.png`, `reliability.png`, and a self-contained `report.html`.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from skinlesion import config, logs, report, shards
+from skinlesion import bootstrap, config, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORT_FILE
@@ -32,6 +32,9 @@ from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, sha256_file
 
 # --- prediction over the val shards ------------------------------------------------------
+
+
+BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same intervals
 
 
 def predict_shards(
@@ -165,6 +168,8 @@ def run_evaluate(
             examples, proba = predict_shards(net, paths, cfg.batch_size, counts)
             y = np.array([e.label for e in examples], dtype=np.int64)
             metrics = compute_metrics(y, proba, cfg.ece_bins)
+            lesions = [e.lesion_id for e in examples]
+            metrics["intervals"] = bootstrap.intervals(y, proba, lesions, seed=BOOTSTRAP_SEED)
             (work / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
             write_predictions(work / PREDICTIONS_FILE, examples, proba)
             figures = [

@@ -46,6 +46,8 @@ KEYS = (  # of metrics.json, in this order (the contract in the README)
     "ece",
     "n_images",
 )
+FILE_KEYS = (*KEYS, "intervals")  # metrics.json: compute_metrics' keys, then the evaluate
+# stage's lesion-level bootstrap intervals (skinlesion.bootstrap.intervals)
 
 
 def _check_inputs(y_true: Any, proba: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -113,35 +113,59 @@ def _kv_table(values: Mapping[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>" if rows else "<p class=note>none recorded</p>"
 
 
+def _interval(bounds: Any) -> str:
+    return f"{fmt(bounds[0])} – {fmt(bounds[1])}" if bounds else "–"
+
+
 def _headline_table(metrics: Mapping[str, Any]) -> str:
     values = dict(metrics)
     values["mel_sens"] = metrics.get("melanoma", {}).get(MEL_KEY)
+    ci = metrics.get("intervals") or {}
     rows = "".join(
         f"<tr><th>{esc(label)}</th><td class=num>{fmt(values.get(key))}</td>"
+        f"<td class=num>{esc(_interval(ci.get(key)))}</td>"
         f"<td class=note>{esc(note)}</td></tr>"
         for key, label, note in _HEADLINE
     )
-    return f"<table><tr><th>metric</th><th>value</th><th>meaning</th></tr>{rows}</table>"
+    head = "<tr><th>metric</th><th>value</th><th>95% interval</th><th>meaning</th></tr>"
+    note = (
+        f"<p class=note>Intervals: {ci['draws']} bootstrap resamples of the "
+        f"{ci['n_lesions']} validation lesions (all images of a drawn lesion together).</p>"
+        if ci
+        else ""
+    )
+    return f"<table>{head}{rows}</table>{note}"
 
 
 def _per_class_table(metrics: Mapping[str, Any]) -> str:
     per_class = metrics.get("per_class", {})
     head = (
         "<tr><th>class</th><th>diagnosis</th><th>precision</th><th>recall</th>"
-        "<th>F1</th><th>support</th></tr>"
+        "<th>recall 95% interval</th><th>F1</th><th>support</th></tr>"
     )
-    rows = []
+    ci = (metrics.get("intervals") or {}).get("per_class", {})
+    rows, few = [], []
     for name in CLASSES:
-        row = per_class.get(name, {})
+        row, bounds = per_class.get(name, {}), ci.get(name, {})
         cls = ' class="mel"' if name == MELANOMA else ""
+        if bounds.get("few_images"):
+            few.append(f"{name} ({bounds['images']} images, {bounds['lesions']} lesions)")
         rows.append(
             f"<tr{cls}><td>{esc(name)}</td><td>{esc(DISPLAY_NAMES[name])}</td>"
-            + "".join(
-                f"<td class=num>{fmt(row.get(k))}</td>" for k in ("precision", "recall", "f1")
-            )
+            + "".join(f"<td class=num>{fmt(row.get(k))}</td>" for k in ("precision", "recall"))
+            + f"<td class=num>{esc(_interval(bounds.get('recall')))}</td>"
+            + f"<td class=num>{fmt(row.get('f1'))}</td>"
             + f"<td class=num>{fmt(row.get('support'))}</td></tr>"
         )
-    return f"<table>{head}{''.join(rows)}</table>"
+    warn = (
+        "<p class=warn>Few validation images in "
+        + esc(", ".join(few))
+        + ": their recall means little (a recall of 1.000 on 4 images is 4 of 4); read the "
+        "interval, not the point.</p>"
+        if few
+        else ""
+    )
+    return f"<table>{head}{''.join(rows)}</table>{warn}"
 
 
 def _confusion_table(metrics: Mapping[str, Any]) -> str:

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skinlesion import config, evaluate, report, shards
+from skinlesion import bootstrap, config, evaluate, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.config import stage_settings
 from skinlesion.errors import InputError
 from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
-from skinlesion.metrics import KEYS, MEL_KEY, compute_metrics
+from skinlesion.metrics import FILE_KEYS, MEL_KEY, compute_metrics
 from skinlesion.plots import plt, save
 from skinlesion.results import AugmentResult, PrepareResult, TrainResult
 from skinlesion.storage import FileStore, Store, get_json
@@ -295,7 +295,7 @@ def test_evaluate_end_to_end(run_store: FileStore) -> None:
         "report.html",
     }
     metrics = get_json(out, "metrics.json")
-    assert tuple(metrics) == KEYS
+    assert tuple(metrics) == FILE_KEYS
 
     # Independent path: decode the JPEGs we wrote with PIL and run the model directly.
     by_id = {ex.image_id: ex for ex in examples}
@@ -312,6 +312,13 @@ def test_evaluate_end_to_end(run_store: FileStore) -> None:
     assert metrics["confusion_matrix"] == reference["confusion_matrix"]
     assert metrics["balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"])
     assert metrics["n_images"] == len(examples)
+    # The intervals resample the lesions of predictions.csv: recomputed from the file.
+    lesions = [r["lesion_id"] for r in rows]
+    recomputed = bootstrap.intervals(y, got, lesions, seed=evaluate.BOOTSTRAP_SEED)
+    assert metrics["intervals"]["n_lesions"] == len(set(lesions))
+    assert metrics["intervals"]["balanced_accuracy"] == pytest.approx(
+        recomputed["balanced_accuracy"], abs=0.01
+    )
 
     assert manifest["metrics"]["balanced_accuracy"] == metrics["balanced_accuracy"]
     assert manifest["preprocessing"] == {
@@ -328,6 +335,7 @@ def test_evaluate_end_to_end(run_store: FileStore) -> None:
     assert sum(tag == "img" for tag, _ in tags.tags) == 8
     assert "figures are not medical results" in page
     assert "Training curves, phase top" in page and "Augmented training samples" in page
+    assert "95% interval" in page and "bootstrap resamples of the" in page
 
     # Same inputs and settings: skipped, nothing rewritten.
     again = evaluate.run_evaluate(cfg, finetune, prepared, out)
@@ -396,7 +404,7 @@ def test_evaluate_after_the_real_synthetic_prepare_path(run_store: FileStore) ->
     )
 
     metrics = get_json(run.child("evaluate"), "metrics.json")
-    assert tuple(metrics) == KEYS
+    assert tuple(metrics) == FILE_KEYS
     assert metrics["n_images"] == sum(prep["counts"]["val"].values())
     assert {c: r["support"] for c, r in metrics["per_class"].items()} == prep["counts"]["val"]
     assert manifest["synthetic"] is True

@@ -39,6 +39,7 @@ METRIC_KEYS = {
     "melanoma",
     "ece",
     "n_images",
+    "intervals",
 }
 
 
