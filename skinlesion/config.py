@@ -140,7 +140,10 @@ class PromoteConfig:
         "balanced_accuracy", "the metric a candidate is compared on"
     )
     min_improvement: float = setting(
-        0.0, "the candidate must beat the champion by more than this", ">= 0"
+        0.0,
+        "the lower bound of the 95% paired bootstrap interval of the candidate's gain over "
+        "the champion (same validation images) must exceed this",
+        ">= 0",
     )
     melanoma_recall_margin: float = setting(
         0.02, "largest allowed drop in melanoma recall", "[0, 1]"

@@ -1,10 +1,14 @@
 """Promote stage: replace the champion (`models/latest`) when the candidate beats it.
 
-Rule: the candidate's `metric` (balanced accuracy by default) must beat the
-champion's by more than `min_improvement`, and its melanoma recall must not
-drop by more than `melanoma_recall_margin`. With no champion the candidate is
-promoted. The decision and both scores are recorded either way, in
-`runs/<id>/promote/decision.json` and in that prefix's manifest.
+Rule: both models are scored on the candidate's validation images (the champion's
+recorded predictions when it was evaluated on those images, else the champion model
+rescored on them: skinlesion.fair). The lower bound of the 95% paired lesion-bootstrap
+interval of candidate minus champion in `metric` (balanced accuracy by default) must
+exceed `min_improvement`, and the candidate's melanoma recall must not drop by more than
+`melanoma_recall_margin`. Where no paired comparison is possible (an old champion without
+predictions whose candidate data is gone), the point gain is compared and the decision
+says so. With no champion the candidate is promoted. The decision and both scores are
+recorded either way, in `runs/<id>/promote/decision.json` and in that prefix's manifest.
 
 The champion prefix follows the commit protocol too: the old `manifest.json`
 is removed first, the files are copied, the new manifest is written last, so
@@ -18,13 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import config, logs
+from skinlesion import bootstrap, config, fair, logs
 from skinlesion.classes import MELANOMA
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import (
     DECISION_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    PREDICTIONS_FILE,
     REPORT_FILE,
     sibling_stage_uri,
 )
@@ -40,7 +45,7 @@ from skinlesion.manifest import (
     read_manifest,
     read_result,
 )
-from skinlesion.metrics import headline
+from skinlesion.metrics import compute_metrics, headline
 from skinlesion.results import (
     ChampionResult,
     EvaluateResult,
@@ -52,6 +57,7 @@ from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store
 
 CHAMPION_STAGE = "champion"
+RESCORE_BATCH = 64  # images per prediction step when the champion is rescored
 _EPS = 1e-12  # float slack on the melanoma-recall margin (0.5 - 0.48 > 0.02 in binary)
 
 
@@ -73,9 +79,14 @@ def _scores(metrics: dict[str, Any], metric: str) -> dict[str, Any]:
 
 
 def decide(
-    cfg: config.PromoteConfig, candidate: dict[str, Any], champion: dict[str, Any] | None
+    cfg: config.PromoteConfig,
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    interval: list[float] | None = None,
 ) -> tuple[bool, str]:
-    """(promote?, reason) from the candidate's and the champion's `_scores`."""
+    """(promote?, reason) from the candidate's and the champion's `_scores`; `interval` is
+    the paired bootstrap interval of the gain when both were scored on the same images,
+    and then its lower bound, not the point gain, must clear `min_improvement`."""
     name = cfg.metric
     if candidate["metric"] is None:
         return False, f"the candidate has no {name} (undefined on its validation data)"
@@ -87,11 +98,19 @@ def decide(
         beats, versus = True, f"the champion has no {name}"
     else:
         gain = candidate["metric"] - champion["metric"]
-        beats = gain > cfg.min_improvement
-        versus = (
-            f"{name} {candidate['metric']:.4f} vs champion {champion['metric']:.4f} "
-            f"(gain {gain:+.4f}, needed > {cfg.min_improvement:.4f})"
-        )
+        if interval is None:
+            beats = gain > cfg.min_improvement
+            versus = (
+                f"{name} {candidate['metric']:.4f} vs champion {champion['metric']:.4f} "
+                f"(gain {gain:+.4f}, needed > {cfg.min_improvement:.4f})"
+            )
+        else:
+            beats = interval[0] > cfg.min_improvement
+            versus = (
+                f"{name} {candidate['metric']:.4f} vs champion {champion['metric']:.4f} on the "
+                f"same images (gain {gain:+.4f}, 95% interval {interval[0]:+.4f} to "
+                f"{interval[1]:+.4f}; its lower bound must exceed {cfg.min_improvement:.4f})"
+            )
     if not beats:
         return False, f"does not beat the champion: {versus}"
     drop = (champion["mel_recall"] or 0.0) - candidate["mel_recall"]
@@ -117,13 +136,33 @@ def publish_champion(
             (model, MODEL_FILE),
             (candidate, METRICS_FILE),
             (candidate, REPORT_FILE),
+            (candidate, PREDICTIONS_FILE),
         ):
-            if key == REPORT_FILE and not source.exists(key):
+            if key in (REPORT_FILE, PREDICTIONS_FILE) and not source.exists(key):
                 continue
             source.get_file(key, work / key)
         claim(CHAMPION_STAGE, target)
         clear(target, keep_state=False)  # removes manifest.json first, then the old files
         return publish(target, work, fields, CHAMPION_STAGE)
+
+
+def _paired(
+    cfg: config.PromoteConfig, candidate: Store, evaluation: dict[str, Any], target: Store
+) -> dict[str, Any] | None:
+    """The champion's scores on the candidate's validation images and the paired bootstrap
+    of the gain; None when the champion cannot be scored on them."""
+    got = fair.champion_on_candidate_images(candidate, evaluation, target, RESCORE_BATCH)
+    if got is None:
+        return None
+    mine, theirs, how = got
+    champion_metrics = compute_metrics(theirs.labels, theirs.proba)
+    gain = bootstrap.paired_gain(mine.labels, mine.proba, theirs.proba, mine.lesions, cfg.metric)
+    return {
+        "how": how,
+        "n_images": len(mine.image_ids),
+        "champion": _scores(champion_metrics, cfg.metric),
+        "gain": gain,
+    }
 
 
 def _champion(target: Store) -> ChampionResult | None:
@@ -172,18 +211,24 @@ def run_promote(
         current = _champion(target)
         champ: dict[str, Any] | None = None
         same_val: bool | None = None
+        paired: dict[str, Any] | None = None
         if current is not None:
+            recorded = _scores(get_json(target, METRICS_FILE), cfg.metric)
+            same_val = current.val_data_fingerprint == evaluation["inputs"]["val_data"]
+            if current.model_sha256 != model_sha:
+                paired = _paired(cfg, candidate, evaluation, target)
             champ = {
-                **_scores(get_json(target, METRICS_FILE), cfg.metric),
+                **(paired["champion"] if paired else recorded),
+                "recorded": recorded,  # on the champion's own validation data
                 "run_id": current.run_id,
                 "promoted_at": current.promoted_at,
                 "model_uri": current.model_uri,
             }
-            same_val = current.val_data_fingerprint == evaluation["inputs"]["val_data"]
         if current is not None and current.model_sha256 == model_sha:
             promoted, reason = True, "already the champion (an earlier attempt promoted it)"
         else:
-            promoted, reason = decide(cfg, cand, champ)
+            interval = paired["gain"]["interval"] if paired else None
+            promoted, reason = decide(cfg, cand, champ, interval)
             if promoted:
                 publish_champion(
                     target,
@@ -214,7 +259,7 @@ def run_promote(
                         ).to_manifest(),
                     },
                 )
-        if same_val is False:
+        if same_val is False and paired is None:
             reason += " (note: the champion was evaluated on other validation data)"
         decision = {
             "promoted": promoted,
@@ -225,6 +270,7 @@ def run_promote(
             "candidate": {**cand, "run_id": run_id, "evaluation_uri": candidate.uri},
             "champion": champ,
             "same_val_data": same_val,
+            "comparison": paired,  # both on the candidate's images, or None
             "run_id": run_id,
             "target": target.uri,
         }
