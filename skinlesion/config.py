@@ -33,8 +33,11 @@ C = TypeVar("C")
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    split: Literal["lesion", "seed"] = setting(
-        "lesion", "lesion: grouped by lesion; seed: the reference's image-level split"
+    split: Literal["lesion", "lesion-hash", "seed"] = setting(
+        "lesion",
+        "lesion: grouped by lesion, stratified; lesion-hash: grouped by lesion, each lesion's "
+        "side fixed by a stable hash (growing data never moves a lesion); seed: the "
+        "reference's image-level split",
     )
     val_fraction: float = setting(0.2, "share of the data held out for validation", "(0, 1)")
     seed: int = setting(101, "seed of the split", SEED)

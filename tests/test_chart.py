@@ -465,6 +465,19 @@ def test_cronjob_forbids_overlap_and_follows_the_schedule(case: Any) -> None:
     assert cron["spec"]["successfulJobsHistoryLimit"] == s["successfulJobsHistoryLimit"]
     assert cron["spec"]["failedJobsHistoryLimit"] == s["failedJobsHistoryLimit"]
     assert len(cron["metadata"]["name"]) <= 52
+    args = pod_spec(cron)["containers"][0]["args"]  # type: ignore[index]
+    if s["split"]:
+        assert args[args.index("--set") + 1] == f"prepare.split={s['split']}"
+    else:
+        assert "--set" not in args
+
+
+def test_scheduled_runs_use_the_lesion_hash_split_by_default() -> None:
+    cron = cr.render().one("CronJob")
+    args = pod_spec(cron)["containers"][0]["args"]  # type: ignore[index]
+    assert args[args.index("--set") + 1] == "prepare.split=lesion-hash"
+    plain = cr.render(values={"schedule": {"split": ""}}).one("CronJob")
+    assert "--set" not in pod_spec(plain)["containers"][0]["args"]  # type: ignore[index]
 
 
 # --- GPUs and pools --------------------------------------------------------------------------
