@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import config, logs
+from skinlesion import config, logs, registry
 from skinlesion.classes import MELANOMA
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import (
@@ -126,11 +126,22 @@ def publish_champion(
         return publish(target, work, fields, CHAMPION_STAGE)
 
 
-def _champion(target: Store) -> ChampionResult | None:
+def _champion(target: Store) -> tuple[int | None, ChampionResult, Store] | None:
+    """(version, manifest, prefix) of the champion, read through the registry next to
+    `target`; a champion written before the registry existed is read from `target`."""
+    found = registry.champion(registry.models_of_champion(target))
+    if found is not None:
+        return found
     manifest = read_manifest(target)
     if manifest is None:
         return None
-    return parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}")
+    return None, parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}"), target
+
+
+def _download(model: Store, candidate: Store, work: Path) -> None:
+    for source, key in ((model, MODEL_FILE), (candidate, METRICS_FILE), (candidate, REPORT_FILE)):
+        if key != REPORT_FILE or source.exists(key):
+            source.get_file(key, work / key)
 
 
 def run_promote(
@@ -169,51 +180,72 @@ def run_promote(
     def body(work: Path) -> PromoteResult:
         metrics = get_json(candidate, METRICS_FILE)
         cand = _scores(metrics, cfg.metric)
-        current = _champion(target)
+        found = _champion(target)
         champ: dict[str, Any] | None = None
         same_val: bool | None = None
-        if current is not None:
-            champ = {
-                **_scores(get_json(target, METRICS_FILE), cfg.metric),
+        version: int | None = None
+
+        def against(n: int | None, current: ChampionResult, store: Store) -> dict[str, Any]:
+            return {
+                **_scores(get_json(store, METRICS_FILE), cfg.metric),
                 "run_id": current.run_id,
                 "promoted_at": current.promoted_at,
                 "model_uri": current.model_uri,
+                "version": n,
             }
-            same_val = current.val_data_fingerprint == evaluation["inputs"]["val_data"]
-        if current is not None and current.model_sha256 == model_sha:
+
+        def redecide(n: int, current: ChampionResult, store: Store) -> tuple[bool, str]:
+            return decide(cfg, cand, against(n, current, store))
+
+        if found is not None:
+            champ = against(*found)
+            same_val = found[1].val_data_fingerprint == evaluation["inputs"]["val_data"]
+        if found is not None and found[1].model_sha256 == model_sha:
             promoted, reason = True, "already the champion (an earlier attempt promoted it)"
+            version = found[0]
         else:
             promoted, reason = decide(cfg, cand, champ)
             if promoted:
-                publish_champion(
-                    target,
-                    model,
-                    candidate,
-                    {
-                        "stage": CHAMPION_STAGE,
-                        "fingerprint": model_sha,  # the champion is its model file
-                        **ChampionResult(
-                            model_sha256=model_sha,
-                            model_fingerprint=model_manifest["fingerprint"],
-                            model_uri=model.uri,
-                            model_stage=model_manifest["stage"],
-                            evaluation_uri=candidate.uri,
-                            evaluation_fingerprint=evaluation["fingerprint"],
-                            val_data_fingerprint=evaluation["inputs"]["val_data"],
-                            run_id=run_id,
-                            promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                            metric=cfg.metric,
-                            metric_value=cand["metric"],
-                            mel_recall=cand["mel_recall"],
-                            metrics=headline(metrics),
-                            preprocessing=evaluated.preprocessing,
-                            synthetic=evaluated.synthetic,
-                            backbone=trained.backbone,
-                            image_size=trained.image_size,
-                            settings=model_manifest["settings"],
-                        ).to_manifest(),
-                    },
+                check_disjoint(
+                    CHAMPION_STAGE, target.uri, {"model": model.uri, "candidate": candidate.uri}
                 )
+                check_owned(CHAMPION_STAGE, target)
+                with scratch_dir("skinlesion-promote-") as files:
+                    _download(model, candidate, files)
+                    registered = registry.register(
+                        registry.models_of_champion(target),
+                        files,
+                        {
+                            "stage": CHAMPION_STAGE,
+                            "fingerprint": model_sha,  # the champion is its model file
+                            **ChampionResult(
+                                model_sha256=model_sha,
+                                model_fingerprint=model_manifest["fingerprint"],
+                                model_uri=model.uri,
+                                model_stage=model_manifest["stage"],
+                                evaluation_uri=candidate.uri,
+                                evaluation_fingerprint=evaluation["fingerprint"],
+                                val_data_fingerprint=evaluation["inputs"]["val_data"],
+                                run_id=run_id,
+                                promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                                metric=cfg.metric,
+                                metric_value=cand["metric"],
+                                mel_recall=cand["mel_recall"],
+                                metrics=headline(metrics),
+                                preprocessing=evaluated.preprocessing,
+                                synthetic=evaluated.synthetic,
+                                backbone=trained.backbone,
+                                image_size=trained.image_size,
+                                settings=model_manifest["settings"],
+                            ).to_manifest(),
+                        },
+                        registry.lineage(evaluation),
+                        found[0] if found is not None else None,
+                        redecide,
+                    )
+                version = registered.version
+                if not registered.champion:
+                    promoted, reason = False, registered.reason
         if same_val is False:
             reason += " (note: the champion was evaluated on other validation data)"
         decision = {
@@ -225,6 +257,7 @@ def run_promote(
             "candidate": {**cand, "run_id": run_id, "evaluation_uri": candidate.uri},
             "champion": champ,
             "same_val_data": same_val,
+            "version": version,
             "run_id": run_id,
             "target": target.uri,
         }
