@@ -239,7 +239,7 @@ def run_promote(
                                 settings=model_manifest["settings"],
                             ).to_manifest(),
                         },
-                        registry.lineage(evaluation),
+                        registry.lineage(candidate, [evaluation, model_manifest]),
                         found[0] if found is not None else None,
                         redecide,
                     )

@@ -19,7 +19,13 @@ from typing import Any
 
 from skinlesion import logs
 from skinlesion.errors import InputError
-from skinlesion.layout import LATEST_KEY, REGISTRY_FILE, serving_key, version_key
+from skinlesion.layout import (
+    LATEST_KEY,
+    REGISTRY_FILE,
+    serving_key,
+    sibling_stage_uri,
+    version_key,
+)
 from skinlesion.manifest import (
     MANIFEST,
     OWNER,
@@ -31,7 +37,7 @@ from skinlesion.manifest import (
 )
 from skinlesion.results import SCHEMA_VERSION, ChampionResult, parse_result
 from skinlesion.scratch import scratch_dir
-from skinlesion.storage import Store, download_prefix, get_json
+from skinlesion.storage import Store, download_prefix, get_json, open_store
 
 IMAGE_TAG_ENV = "SKINLESION_IMAGE_TAG"
 CHAMPION_ALIAS, PREVIOUS_ALIAS = "champion", "previous"
@@ -40,8 +46,6 @@ MAX_TRIES = 50  # compare-and-swap retries before giving up on a hot registry
 
 def models_of_champion(target: Store) -> Store:
     """The registry prefix of a champion prefix: its parent (`models/latest` -> `models`)."""
-    from skinlesion.storage import open_store
-
     parent = target.uri.rstrip("/").rsplit("/", 1)[0]
     return open_store(parent)
 
@@ -97,12 +101,15 @@ def champion(models: Store) -> tuple[int, ChampionResult, Store] | None:
     return n, parse_result(ChampionResult, manifest, f"{store.uri}/{MANIFEST}"), store
 
 
-def lineage(manifest: dict[str, Any]) -> dict[str, str]:
-    """stage -> fingerprint of every upstream output still holding what was read."""
+def lineage(candidate: Store, manifests: list[dict[str, Any]]) -> dict[str, str]:
+    """stage -> fingerprint: the upstream outputs the `manifests` were built from (while
+    they still hold what was read), then the other committed stages of the candidate's
+    run (`runs/<id>/<stage>`, the siblings of the evaluate prefix)."""
     from skinlesion.lineage import upstream
+    from skinlesion.stages import STAGES
 
     found: dict[str, str] = {}
-    todo = [manifest]
+    todo = list(manifests)
     while todo:
         current = todo.pop()
         found.setdefault(current["stage"], current["fingerprint"])
@@ -110,7 +117,14 @@ def lineage(manifest: dict[str, Any]) -> dict[str, str]:
             up = upstream(current, name)
             if up is not None and up[1]["stage"] not in found:
                 todo.append(up[1])
-    return found
+    for stage in STAGES:
+        uri = sibling_stage_uri(candidate.uri, stage.name)
+        if stage.name in found or stage.name == "promote" or uri is None:
+            continue
+        manifest = read_manifest(open_store(uri))
+        if manifest is not None:
+            found[stage.name] = manifest["fingerprint"]
+    return dict(sorted(found.items()))
 
 
 def _claim_version(models: Store, registry: dict[str, Any], run_id: str) -> int:
