@@ -1,4 +1,5 @@
-"""Promote stage: replace the champion (`models/latest`) when the candidate beats it.
+"""Promote stage: make the candidate the champion when it beats it (registry.py: a new
+version, the `champion` alias moved, `models/latest` rewritten as its copy).
 
 Rule: the candidate's `metric` (balanced accuracy by default) must beat the
 champion's by more than `min_improvement`, and its melanoma recall must not
