@@ -46,8 +46,10 @@ MAX_TRIES = 50  # compare-and-swap retries before giving up on a hot registry
 
 def models_of_champion(target: Store) -> Store:
     """The registry prefix of a champion prefix: its parent (`models/latest` -> `models`)."""
-    parent = target.uri.rstrip("/").rsplit("/", 1)[0]
-    return open_store(parent)
+    uri = sibling_stage_uri(target.uri, "x")
+    if uri is None:
+        raise InputError(f"--target {target.uri}: the champion prefix needs a parent (…/models)")
+    return open_store(uri.rsplit("/", 1)[0])
 
 
 def _now() -> str:

@@ -11,10 +11,10 @@ import pytest
 
 from skinlesion import promote, registry
 from skinlesion.errors import InputError
-from skinlesion.layout import version_key
+from skinlesion.layout import MODELS, REGISTRY_FILE, models_uri, serving_key, version_key
 from skinlesion.manifest import read_manifest
 from skinlesion.promote import run_promote
-from skinlesion.storage import Store
+from skinlesion.storage import Store, open_store
 from tests.test_promote import CFG, make_candidate
 
 BACKENDS = ["file", pytest.param("s3", marks=pytest.mark.s3)]
@@ -160,3 +160,15 @@ def test_export_copies_the_version_files(store: Store, tmp_path: Any) -> None:
     assert (out / "serving" / "saved_model.pb").read_bytes() == b"pb"
     with pytest.raises(InputError, match="no model version 2"):
         registry.export(models, 2, tmp_path / "none")
+
+
+@pytest.mark.s3
+def test_registry_keys_are_in_the_layout(s3_store: Store) -> None:
+    assert models_uri("s3://b/x/") == "s3://b/x/models"
+    assert (version_key(3), serving_key(3)) == ("versions/3", "serving/3")
+    assert f"{MODELS}/{REGISTRY_FILE}" == "models/registry.json"
+    latest = s3_store.child("models", "latest")
+    assert registry.models_of_champion(latest).uri == f"{s3_store.uri}/models"
+    bucket = open_store("s3://" + s3_store.uri.removeprefix("s3://").split("/")[0])
+    with pytest.raises(InputError, match="needs a parent"):
+        registry.models_of_champion(bucket)
