@@ -20,6 +20,7 @@ from typing import Any
 from skinlesion import config, fields, logs, scratch
 from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
 from skinlesion.cli_controller import add_controller_arguments
+from skinlesion.cli_models import add_models_tools
 from skinlesion.cli_tools import add_store_tools
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_predict)
 
     add_store_tools(sub)
+    add_models_tools(sub)
 
     for name, help_, handler in (
         ("run", "run every stage on this machine", _run),

@@ -6,7 +6,11 @@
     <store>/runs/<run-id>/<stage>/           a stage's outputs (owner.json first,
                                              manifest.json last; state/ while it trains)
     <store>/runs/<run-id>/logs/<stage>-attempt-<n>.log
-    <store>/models/latest/                   the champion (model.keras, metrics.json, ...)
+    <store>/models/latest/                   the champion (model.keras, metrics.json, ...):
+                                             a copy of the version the `champion` alias names
+    <store>/models/registry.json             the model registry: versions, aliases, history
+    <store>/models/versions/<n>/             version n (immutable once its manifest is written)
+    <store>/models/serving/<n>/              version n's SavedModel export (when one is made)
 
 The names of the files a stage writes that other stages read are here too.
 """
@@ -20,7 +24,9 @@ from skinlesion.keys import safe_run_id, safe_segment
 RAW_TREE = "raw/HAM10000"
 RUNS = "runs"
 LOGS = "logs"
-CHAMPION = "models/latest"
+MODELS = "models"
+CHAMPION = f"{MODELS}/latest"
+REGISTRY_FILE = "registry.json"  # under models/, next to the champion prefix
 CANCELLED = "cancelled.json"  # under the run's prefix
 
 MODEL_FILE = "model.keras"  # train / finetune / champion
@@ -81,6 +87,24 @@ class RunLayout:
 def champion_uri(store_uri: str) -> str:
     """The champion prefix of a store (no run needed)."""
     return f"{store_uri.rstrip('/')}/{CHAMPION}"
+
+
+def models_uri(store_uri: str) -> str:
+    """The registry's prefix of a store: `models/` (registry.json, versions/, serving/)."""
+    return f"{store_uri.rstrip('/')}/{MODELS}"
+
+
+def version_key(n: int) -> str:
+    """Version n's prefix, relative to `models_uri`."""
+    return f"versions/{n}"
+
+
+def serving_key(n: int) -> str:
+    """Version n's SavedModel export prefix, relative to `models_uri`."""
+    return f"serving/{n}"
+
+
+LATEST_KEY = CHAMPION.removeprefix(f"{MODELS}/")  # the champion copy, relative to models/
 
 
 def run_of(store_uri: str, uri: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Promote stage: replace the champion (`models/latest`) when the candidate beats it.
+"""Promote stage: make the candidate the champion when it beats it (registry.py: a new
+version, the `champion` alias moved, `models/latest` rewritten as its copy).
 
 Rule: both models are scored on the candidate's validation images (the champion's
 recorded predictions when it was evaluated on those images, else the champion model
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import bootstrap, config, fair, logs
+from skinlesion import bootstrap, config, fair, logs, registry
 from skinlesion.classes import MELANOMA
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import (
@@ -138,7 +139,7 @@ def publish_champion(
             (candidate, REPORT_FILE),
             (candidate, PREDICTIONS_FILE),
         ):
-            if key in (REPORT_FILE, PREDICTIONS_FILE) and not source.exists(key):
+            if key in _OPTIONAL and not source.exists(key):
                 continue
             source.get_file(key, work / key)
         claim(CHAMPION_STAGE, target)
@@ -146,12 +147,34 @@ def publish_champion(
         return publish(target, work, fields, CHAMPION_STAGE)
 
 
+def _champion(target: Store) -> tuple[int | None, ChampionResult, Store] | None:
+    """(version, manifest, prefix) of the champion, read through the registry next to
+    `target`; a champion written before the registry existed is read from `target`."""
+    found = registry.champion(registry.models_of_champion(target))
+    if found is not None:
+        return found
+    manifest = read_manifest(target)
+    if manifest is None:
+        return None
+    return None, parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}"), target
+
+
+_OPTIONAL = (REPORT_FILE, PREDICTIONS_FILE)  # a champion's files an evaluation may lack
+
+
+def _download(model: Store, candidate: Store, work: Path) -> None:
+    files = (MODEL_FILE, METRICS_FILE, REPORT_FILE, PREDICTIONS_FILE)
+    for source, key in zip((model, candidate, candidate, candidate), files, strict=True):
+        if key not in _OPTIONAL or source.exists(key):
+            source.get_file(key, work / key)
+
+
 def _paired(
-    cfg: config.PromoteConfig, candidate: Store, evaluation: dict[str, Any], target: Store
+    cfg: config.PromoteConfig, candidate: Store, evaluation: dict[str, Any], champion: Store
 ) -> dict[str, Any] | None:
     """The champion's scores on the candidate's validation images and the paired bootstrap
     of the gain; None when the champion cannot be scored on them."""
-    got = fair.champion_on_candidate_images(candidate, evaluation, target, RESCORE_BATCH)
+    got = fair.champion_on_candidate_images(candidate, evaluation, champion, RESCORE_BATCH)
     if got is None:
         return None
     mine, theirs, how = got
@@ -163,13 +186,6 @@ def _paired(
         "champion": _scores(champion_metrics, cfg.metric),
         "gain": gain,
     }
-
-
-def _champion(target: Store) -> ChampionResult | None:
-    manifest = read_manifest(target)
-    if manifest is None:
-        return None
-    return parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}")
 
 
 def run_promote(
@@ -208,57 +224,85 @@ def run_promote(
     def body(work: Path) -> PromoteResult:
         metrics = get_json(candidate, METRICS_FILE)
         cand = _scores(metrics, cfg.metric)
-        current = _champion(target)
+        found = _champion(target)
         champ: dict[str, Any] | None = None
         same_val: bool | None = None
+        version: int | None = None
         paired: dict[str, Any] | None = None
-        if current is not None:
-            recorded = _scores(get_json(target, METRICS_FILE), cfg.metric)
-            same_val = current.val_data_fingerprint == evaluation["inputs"]["val_data"]
+
+        def against(
+            n: int | None, current: ChampionResult, store: Store
+        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+            """The champion's figures on the candidate's images where it can be scored on
+            them (its `recorded` ones are on its own data), and the paired comparison."""
+            recorded = _scores(get_json(store, METRICS_FILE), cfg.metric)
+            pair = None
             if current.model_sha256 != model_sha:
-                paired = _paired(cfg, candidate, evaluation, target)
-            champ = {
-                **(paired["champion"] if paired else recorded),
-                "recorded": recorded,  # on the champion's own validation data
+                pair = _paired(cfg, candidate, evaluation, store)
+            return {
+                **(pair["champion"] if pair else recorded),
+                "recorded": recorded,
                 "run_id": current.run_id,
                 "promoted_at": current.promoted_at,
                 "model_uri": current.model_uri,
-            }
-        if current is not None and current.model_sha256 == model_sha:
+                "version": n,
+            }, pair
+
+        def judge(champion: dict[str, Any] | None, pair: dict[str, Any] | None) -> tuple[bool, str]:
+            return decide(cfg, cand, champion, pair["gain"]["interval"] if pair else None)
+
+        def redecide(n: int, current: ChampionResult, store: Store) -> tuple[bool, str]:
+            return judge(*against(n, current, store))
+
+        if found is not None:
+            champ, paired = against(*found)
+            same_val = found[1].val_data_fingerprint == evaluation["inputs"]["val_data"]
+        if found is not None and found[1].model_sha256 == model_sha:
             promoted, reason = True, "already the champion (an earlier attempt promoted it)"
+            version = found[0]
         else:
-            interval = paired["gain"]["interval"] if paired else None
-            promoted, reason = decide(cfg, cand, champ, interval)
+            promoted, reason = judge(champ, paired)
             if promoted:
-                publish_champion(
-                    target,
-                    model,
-                    candidate,
-                    {
-                        "stage": CHAMPION_STAGE,
-                        "fingerprint": model_sha,  # the champion is its model file
-                        **ChampionResult(
-                            model_sha256=model_sha,
-                            model_fingerprint=model_manifest["fingerprint"],
-                            model_uri=model.uri,
-                            model_stage=model_manifest["stage"],
-                            evaluation_uri=candidate.uri,
-                            evaluation_fingerprint=evaluation["fingerprint"],
-                            val_data_fingerprint=evaluation["inputs"]["val_data"],
-                            run_id=run_id,
-                            promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                            metric=cfg.metric,
-                            metric_value=cand["metric"],
-                            mel_recall=cand["mel_recall"],
-                            metrics=headline(metrics),
-                            preprocessing=evaluated.preprocessing,
-                            synthetic=evaluated.synthetic,
-                            backbone=trained.backbone,
-                            image_size=trained.image_size,
-                            settings=model_manifest["settings"],
-                        ).to_manifest(),
-                    },
+                check_disjoint(
+                    CHAMPION_STAGE, target.uri, {"model": model.uri, "candidate": candidate.uri}
                 )
+                check_owned(CHAMPION_STAGE, target)
+                with scratch_dir("skinlesion-promote-") as files:
+                    _download(model, candidate, files)
+                    registered = registry.register(
+                        registry.models_of_champion(target),
+                        files,
+                        {
+                            "stage": CHAMPION_STAGE,
+                            "fingerprint": model_sha,  # the champion is its model file
+                            **ChampionResult(
+                                model_sha256=model_sha,
+                                model_fingerprint=model_manifest["fingerprint"],
+                                model_uri=model.uri,
+                                model_stage=model_manifest["stage"],
+                                evaluation_uri=candidate.uri,
+                                evaluation_fingerprint=evaluation["fingerprint"],
+                                val_data_fingerprint=evaluation["inputs"]["val_data"],
+                                run_id=run_id,
+                                promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                                metric=cfg.metric,
+                                metric_value=cand["metric"],
+                                mel_recall=cand["mel_recall"],
+                                metrics=headline(metrics),
+                                preprocessing=evaluated.preprocessing,
+                                synthetic=evaluated.synthetic,
+                                backbone=trained.backbone,
+                                image_size=trained.image_size,
+                                settings=model_manifest["settings"],
+                            ).to_manifest(),
+                        },
+                        registry.lineage(candidate, [evaluation, model_manifest]),
+                        found[0] if found is not None else None,
+                        redecide,
+                    )
+                version = registered.version
+                if not registered.champion:
+                    promoted, reason = False, registered.reason
         if same_val is False and paired is None:
             reason += " (note: the champion was evaluated on other validation data)"
         decision = {
@@ -271,6 +315,7 @@ def run_promote(
             "champion": champ,
             "same_val_data": same_val,
             "comparison": paired,  # both on the candidate's images, or None
+            "version": version,
             "run_id": run_id,
             "target": target.uri,
         }

@@ -1,0 +1,92 @@
+"""The registry's CLI: `models list|show N|rollback [--to N]|export N --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
+from skinlesion.layout import models_uri
+
+
+def _rows(registry: dict[str, Any]) -> list[dict[str, Any]]:
+    from skinlesion.registry import aliases_of
+
+    return [{**e, "aliases": aliases_of(registry, e["version"])} for e in registry["versions"]]
+
+
+def _line(e: dict[str, Any]) -> str:
+    value = e["metric_value"]
+    score = f"{value:.4f}" if isinstance(value, float) else "-"
+    aliases = ",".join(e["aliases"]) or "-"
+    return (
+        f"{e['version']:>4}  {aliases:<17} {e['run_id']:<20} {e['backbone']:<16} "
+        f"{e['metric']}={score}  {e['created_at']}"
+    )
+
+
+def _models(args: argparse.Namespace) -> int:
+    from skinlesion import registry
+
+    store_flag("--store", args.store)
+    models = store_flag("--store", models_uri(args.store))
+    if args.action == "rollback":
+        event = registry.rollback(models, args.to)
+        print(f"champion: version {event['champion']} (was {event['from']})")
+        return 0
+    _, reg = registry.read_raw(models)
+    if args.action == "export":
+        paths = registry.export(models, args.n, Path(args.out))
+        print(f"version {args.n}: {len(paths)} files -> {args.out}")
+        return 0
+    rows = _rows(reg)
+    if args.action == "show":
+        registry.entry(reg, args.n)  # a one-line error for an unknown version
+        row = next(r for r in rows if r["version"] == args.n)
+        history = [h for h in reg["history"] if args.n in (h["champion"], h["from"])]
+        shown = {**row, "history": history}
+        print(json.dumps(shown, indent=2) if args.json else _show(shown))
+        return 0
+    if args.json:
+        print(json.dumps({"versions": rows, "aliases": reg["aliases"]}, indent=2))
+    else:
+        print("\n".join(_line(r) for r in rows) if rows else "no model versions")
+    return 0
+
+
+def _show(row: dict[str, Any]) -> str:
+    lines = [_line(row), f"  data      {row['data_fingerprint'][:12]}"]
+    lines += [f"  {stage:<9} {fp[:12]}" for stage, fp in sorted(row["stages"].items())]
+    lines += [f"  image     {row['image_tag'] or '-'}  size {row['image_size']}"]
+    lines += [
+        f"  {h['at']} {h['action']} -> {h['champion']} (from {h['from']})" for h in row["history"]
+    ]
+    return "\n".join(lines)
+
+
+def add_models_tools(sub: Any) -> None:
+    """Add `models list|show|rollback|export` to the CLI's subcommands."""
+    p = sub.add_parser("models", help="the model registry: versions, aliases, rollback")
+    actions = p.add_subparsers(dest="action", required=True)
+    version = int_in(1, 10**9)
+    for action, help_ in (
+        ("list", "every version, one line each"),
+        ("show", "one version: lineage, metrics, history"),
+        ("rollback", "move the champion alias to the previous champion (or --to N)"),
+        ("export", "copy version N's files to a local directory"),
+    ):
+        q = actions.add_parser(action, help=help_, description=help_)
+        q.add_argument("--store", default=default_store(), help="store URI")
+        q.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
+        q.set_defaults(handler=_models, run_id="-")
+        if action in ("list", "show"):
+            q.add_argument("--json", action="store_true", help="print JSON")
+        if action in ("show", "export"):
+            q.add_argument("n", metavar="N", type=version)
+        if action == "rollback":
+            q.add_argument("--to", type=version, metavar="N", help="this version")
+        if action == "export":
+            q.add_argument("--out", required=True, metavar="DIR", help="local directory")
+    p.set_defaults(handler=_models, run_id="-", log_level="WARNING")
