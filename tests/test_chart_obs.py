@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from skinlesion.kube_jobs import LABEL_ATTEMPT
 from skinlesion.obs.pushgateway import ATTEMPT_ENV, PUSHGATEWAY_ENV
 from skinlesion.obs.webhook import WEBHOOK_ENV
@@ -59,3 +61,11 @@ def test_extra_egress_is_appended_to_both_policies() -> None:
     rendered = cr.render([], {"networkPolicy": {"extraEgress": [rule]}})
     for who in ("stages", "controller"):
         assert rendered.one("NetworkPolicy", who)["spec"]["egress"][-1] == rule
+
+
+def test_schema_refuses_a_pushgateway_url_without_http_and_a_keyless_secret() -> None:
+
+    with pytest.raises(Exception, match="url"):
+        cr.render([], {"metrics": {"pushgateway": {"url": "pushgateway:9091"}}})
+    with pytest.raises(Exception, match="key"):
+        cr.render([], {"notify": {"webhookUrl": {"existingSecret": "s", "key": ""}}})
