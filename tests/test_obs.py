@@ -85,23 +85,31 @@ class _FailingExecutor:
         return Outcome("failed", self.code, "boom", f"exit code {self.code}")
 
 
-def test_failed_run_pushes_state_and_notifies_once(pgw: str, monkeypatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_failed_run_pushes_state_and_notifies_once(
+    store: str, pgw: str, monkeypatch, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     cfg = config.load_pipeline("tiny")
-    layout = RunLayout(str(tmp_path), "rrun")
+    root = str(tmp_path) if store == "file" else request.getfixturevalue("s3_uri")
+    run_id = f"rrun-{store}"
+    layout = RunLayout(root, run_id)
     write_sample_data(open_store(layout.default_raw), images=MIN_IMAGES, seed=0)
     with obs_servers.receiver() as rec:
         monkeypatch.setenv(webhook.WEBHOOK_ENV, rec.url)
         with pytest.raises(StageFailed):
             run_pipeline(cfg, layout, _FailingExecutor(2))
     text = obs_servers.scrape(pgw)
-    assert value(text, "skinlesion_run_state", stage="run", run_id="rrun", state="failed") == 1
-    assert value(text, "skinlesion_run_state", stage="run", run_id="rrun", state="succeeded") == 0
+    assert value(text, "skinlesion_run_state", stage="run", run_id=run_id, state="failed") == 1
+    assert value(text, "skinlesion_run_state", stage="run", run_id=run_id, state="succeeded") == 0
     assert len(rec.bodies) == 1
     sent = json.loads(rec.bodies[0])
-    assert sent["status"] == "failed" and sent["run_id"] == "rrun"
+    assert sent["status"] == "failed" and sent["run_id"] == run_id
     assert sent["failed_stage"] == "prepare"
     assert sent["log_uri"].endswith("prepare-attempt-1.log")
-    assert "rrun: failed" in sent["text"] and "prepare" in sent["text"]
+    assert (
+        open_store(sent["log_uri"].rsplit("/", 1)[0]).get_bytes("prepare-attempt-1.log") == b"boom"
+    )
+    assert f"{run_id}: failed" in sent["text"] and "prepare" in sent["text"]
 
 
 def test_webhook_retries_after_500(monkeypatch) -> None:
@@ -120,3 +128,32 @@ def test_webhook_unreachable_gives_up_after_bounded_retries(monkeypatch, capsys)
     monkeypatch.setenv(webhook.WEBHOOK_ENV, f"http://127.0.0.1:{obs_servers.free_port()}/x")
     assert webhook.notify("r", "failed", {}) is False
     assert "webhook_failed" in capsys.readouterr().err
+
+
+def test_prepare_stage_pushes_its_image_count(pgw: str, tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "prep"
+    write_sample_data(open_store(str(raw)), images=MIN_IMAGES, seed=1)
+    flags = ["--image-size", "32", "--val-fraction", "0.3"]
+    assert (
+        cli.main(["prepare", "--run-id", "rprep", "--raw", str(raw), "--out", str(out), *flags])
+        == 0
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    text = obs_servers.scrape(pgw)
+    labels = {"stage": "prepare", "run_id": "rprep"}
+    assert value(text, "skinlesion_stage_images_total", **labels) == manifest["n_images"] > 0
+    assert value(text, "skinlesion_stage_images_per_second", **labels) > 0
+    assert value(text, "skinlesion_stage_exit_code", **labels) == 0
+
+
+def test_failed_rerun_keeps_the_last_success_timestamp(pgw: str) -> None:
+    assert pushgateway.push_run("rsucc", "succeeded", 10.0, 6)
+    first = value(
+        obs_servers.scrape(pgw), "skinlesion_run_last_success_timestamp_seconds", run_id="rsucc"
+    )
+    assert pushgateway.push_run("rsucc", "failed", 1.0, 0)
+    text = obs_servers.scrape(pgw)
+    assert value(text, "skinlesion_run_last_success_timestamp_seconds", run_id="rsucc") == first
+    assert value(text, "skinlesion_run_state", run_id="rsucc", state="failed") == 1
+    assert value(text, "skinlesion_run_state", run_id="rsucc", state="succeeded") == 0
+    assert value(text, "skinlesion_run_stages_done", run_id="rsucc") == 0

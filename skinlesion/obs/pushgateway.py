@@ -95,6 +95,7 @@ def push_stage(stage: str, run_id: str, exit_code: int, seconds: float) -> bool:
         "stage_end_timestamp_seconds": time.time(),
     }
     figures = dict(_noted)
+    _noted.clear()  # pushed once
     if "images" in figures:
         samples["stage_images_total"] = figures.pop("images")
         if seconds > 0:
