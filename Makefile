@@ -18,7 +18,7 @@ NAMESPACE ?= skinlesion
 RELEASE ?= skinlesion
 VALUES ?= charts/skinlesion/values-kind.yaml
 
-.PHONY: help setup setup-dev lock schema run test check lint fmt bench image image-gpu docker-engine base-image \
+.PHONY: help setup setup-dev pushgateway lock schema run test check lint fmt bench image image-gpu docker-engine base-image \
 	kind-up deploy kind-test clean
 
 help:
@@ -58,7 +58,15 @@ setup-dev: $(VENV)/.dev
 run: setup
 	$(BIN)/skinlesion run --store $(STORE) --run-id $(RUN_ID) --preset $(PRESET)
 
-test: setup-dev
+# The observability tests run a real Pushgateway (Debian package prometheus-pushgateway).
+pushgateway:
+	@command -v prometheus-pushgateway >/dev/null || test -x /usr/bin/prometheus-pushgateway || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get install -y prometheus-pushgateway >/dev/null; } || \
+	  echo "tests/test_obs.py needs prometheus-pushgateway: apt-get install -y prometheus-pushgateway" \
+	    "(or put the binary from github.com/prometheus/pushgateway releases on PATH)"
+
+test: setup-dev pushgateway
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 lint: setup-dev

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +31,11 @@ from skinlesion.errors import (
     SkinlesionError,
     Terminated,
 )
-from skinlesion.stages import job_inputs
+from skinlesion.obs import pushgateway
+from skinlesion.stages import STAGES, job_inputs
 from skinlesion.userinput import one_line
+
+STAGE_COMMANDS = frozenset(s.job for s in STAGES)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -75,7 +79,7 @@ def _prepare(args: argparse.Namespace) -> int:
         raise InputError("--out is required unless --dry-run")
     raw, out = store_flag("--raw", args.raw), store_flag("--out", args.out)
     logs.import_tensorflow()
-    prepare.run_prepare(cfg, raw, out, force=args.force)
+    pushgateway.note_manifest(prepare.run_prepare(cfg, raw, out, force=args.force))
     return 0
 
 
@@ -85,7 +89,7 @@ def _augment(args: argparse.Namespace) -> int:
     cfg = config.section_from_args(config.AugmentConfig, args, "augment")
     prepared, out = store_flag("--prepared", args.prepared), store_flag("--out", args.out)
     logs.import_tensorflow()
-    augment.run_augment(cfg, prepared, out, force=args.force)
+    pushgateway.note_manifest(augment.run_augment(cfg, prepared, out, force=args.force))
     return 0
 
 
@@ -102,7 +106,10 @@ def _train(args: argparse.Namespace) -> int:
     logs.import_tensorflow()
     from skinlesion import train
 
-    train.run_train(cfg, args.phase, train_data, val_data, out, init_model=init, force=args.force)
+    manifest = train.run_train(
+        cfg, args.phase, train_data, val_data, out, init_model=init, force=args.force
+    )
+    pushgateway.note_manifest(manifest)
     return 0
 
 
@@ -113,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, val_data = store_flag("--model", args.model), store_flag("--val-data", args.val_data)
     out = store_flag("--out", args.out)
     logs.import_tensorflow()
-    evaluate.run_evaluate(cfg, model, val_data, out, force=args.force)
+    pushgateway.note_manifest(evaluate.run_evaluate(cfg, model, val_data, out, force=args.force))
     return 0
 
 
@@ -282,8 +289,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logs.configure(run_id=args.run_id, stage=args.command, level=args.log_level)
     scratch.configure(os.environ.get(scratch.ENV))  # the environment is read here, once
-    log = logs.get()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.command not in STAGE_COMMANDS:
+        return _handle(args)
+    start, code = time.monotonic(), 1
+    try:
+        code = _handle(args)
+        return code
+    finally:  # every stage process pushes on exit, whatever the outcome (off unless set)
+        stage = "finetune" if getattr(args, "phase", None) == "finetune" else args.command
+        pushgateway.push_stage(stage, args.run_id, code, time.monotonic() - start)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    """Run the subcommand; errors become one line and an exit code (errors.py)."""
+    log = logs.get()
     try:
         return int(args.handler(args))
     except SkinlesionError as exc:

@@ -25,6 +25,8 @@ from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
 from skinlesion.fields import to_flags
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import fingerprint, input_fingerprints, is_done
+from skinlesion.obs import run_end
+from skinlesion.obs.pushgateway import ATTEMPT_ENV
 from skinlesion.stages import INPUTS, STAGES, Stage
 from skinlesion.storage import check_inside, open_store
 
@@ -140,7 +142,8 @@ class LocalExecutor:
         return 0  # a child process leaves nothing behind but the log the loop saved
 
     def run(self, call: StageCall, run_id: str, attempt: int) -> Outcome:
-        proc = subprocess.Popen(self.command(call, run_id), stderr=subprocess.PIPE)
+        env = {**os.environ, ATTEMPT_ENV: str(attempt)}  # for the stage's metrics push
+        proc = subprocess.Popen(self.command(call, run_id), stderr=subprocess.PIPE, env=env)
         assert proc.stderr is not None
         tail: collections.deque[bytes] = collections.deque(maxlen=self.tail_lines)
         partial = b""
@@ -210,7 +213,15 @@ def run_pipeline(
     for uri in (layout.run_uri, layout.champion_uri):
         check_inside(layout.store, uri)
     with runlock.hold(open_store(layout.run_uri), layout.run_id, lock_ttl_s) as lock:
-        return _run_stages(cfg, layout, executor, raw_uri, retry_delay_s, lock)
+        start, report, error = time.monotonic(), RunReport(layout.run_id), None
+        try:
+            return _run_stages(cfg, layout, executor, raw_uri, retry_delay_s, lock, report)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:  # Pushgateway run state and the run-end webhook (each off unless set)
+            done = sum(s.status == "done" for s in report.stages)
+            run_end.report(layout, error, time.monotonic() - start, done)
 
 
 def _run_stages(
@@ -220,9 +231,9 @@ def _run_stages(
     raw_uri: str | None,
     retry_delay_s: float,
     lock: runlock.RunLock,
+    report: RunReport,
 ) -> RunReport:
     log = logs.get()
-    report = RunReport(layout.run_id)
     cancel.clear(layout)  # this run resumes whatever an earlier, cancelled one left
     for call in plan(cfg, layout, raw_uri):
         lock.check()

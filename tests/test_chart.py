@@ -76,7 +76,10 @@ EVERYTHING_ON = {
             ]
         },
         "apiServer": {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]},
+        "extraEgress": [{"ports": [{"protocol": "TCP", "port": 9091}]}],
     },
+    "metrics": {"pushgateway": {"url": "http://pushgateway.monitoring:9091"}},
+    "notify": {"webhookUrl": {"existingSecret": "slack-hook", "key": "url"}},
 }
 # Static keys as a mounted shared-credentials file; no static keys at all (pod identity).
 CREDENTIALS_FILE: dict[str, Any] = {"store": {"credentials": "file"}}
@@ -326,7 +329,9 @@ def test_network_policies_allow_only_dns_the_store_and_the_api(case: Any) -> Non
         policy = rendered.one("NetworkPolicy", who)["spec"]
         assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["ingress"] == []
         egress = policy["egress"]
-        assert len(egress) == (3 if who == "controller" else 2)
+        base = 3 if who == "controller" else 2
+        assert len(egress) == base + len(np["extraEgress"])
+        assert egress[base:] == np["extraEgress"]
         dns, store = egress[0], egress[1]
         assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
         assert dns.get("to", []) == np["dns"]["to"]

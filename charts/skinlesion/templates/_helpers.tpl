@@ -357,6 +357,7 @@ spec:
           command: ["python", "/app/jobs/{{ $entry }}.py"]
           env:
             {{- include "skinlesion.storeEnv" $root | nindent 12 }}
+            {{- include "skinlesion.obsEnv" (dict "root" $root "controller" false) | nindent 12 }}
             - name: SKINLESION_SCRATCH
               value: /scratch
             - name: TMPDIR
@@ -429,6 +430,7 @@ spec:
         {{- end }}
       env:
         {{- include "skinlesion.storeEnv" $root | nindent 8 }}
+        {{- include "skinlesion.obsEnv" (dict "root" $root "controller" true) | nindent 8 }}
         - name: SKINLESION_JOB_NAME
           valueFrom:
             fieldRef:
@@ -468,4 +470,30 @@ podFailurePolicy:
   {{- include "skinlesion.podFailurePolicy" "controller" | nindent 2 }}
 template:
   {{- include "skinlesion.controllerPodTemplate" . | nindent 2 }}
+{{- end }}
+
+{{/*
+Observability env (README "Observability"): the Pushgateway URL on stage and controller
+pods, a stage's attempt number from its pod label, the run-end webhook URL (controller)
+from an existing Secret. Empty values render nothing.
+*/}}
+{{- define "skinlesion.obsEnv" -}}
+{{- $v := .root.Values }}
+{{- with $v.metrics.pushgateway.url }}
+- name: SKINLESION_PUSHGATEWAY_URL
+  value: {{ . | quote }}
+{{- if not $.controller }}
+- name: SKINLESION_ATTEMPT
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.labels['skinlesion.io/attempt']
+{{- end }}
+{{- end }}
+{{- if and .controller $v.notify.webhookUrl.existingSecret }}
+- name: SKINLESION_WEBHOOK_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.notify.webhookUrl.existingSecret }}
+      key: {{ $v.notify.webhookUrl.key }}
+{{- end }}
 {{- end }}

@@ -1,0 +1,1 @@
+"""Optional observability integrations, each off unless its environment variable is set."""
