@@ -99,13 +99,16 @@ def lesion_split(frame: pd.DataFrame, val_fraction: float = 0.2, seed: int = 101
     return Split("lesion", shuffled[~in_val[order]], shuffled[in_val[order]])
 
 
-def check_every_class(split: Split) -> None:
-    """Each class must have images on both sides (evaluation needs every class)."""
+def check_every_class(split: Split, skipped: int = 0) -> None:
+    """Each class must have images on both sides (evaluation needs every class);
+    `skipped`: images left out as unreadable, named as the cause."""
     for side, counts in split.counts.items():
         empty = [name for name, n in counts.items() if n == 0]
         if empty:
             hint = (
-                "each class needs at least 2 lesions"
+                f"emptied by the {skipped} skipped unreadable image(s)"
+                if skipped
+                else "each class needs at least 2 lesions"
                 if split.method == "lesion"
                 else "each class needs at least 2 images"
             )
