@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,16 +34,20 @@ def dry_run(raw: Path) -> dict[str, Any]:
     """Runs the CLI's dry run in a child; its seconds and peak RSS (MB)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     start = time.monotonic()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "skinlesion", "prepare", "--dry-run", "--raw", str(raw)],
         env=env,
-        capture_output=True,
-        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not all children's
+    proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.monotonic() - start
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.decode()[-2000:])
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        raise RuntimeError(err.decode()[-2000:])
+    peak_kb = usage.ru_maxrss
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
