@@ -3,8 +3,10 @@
 Layout (as the real dataset ships): `HAM10000_metadata.csv` plus the images in
 `HAM10000_images_part_1/` and `HAM10000_images_part_2/`. The metadata has the
 columns `lesion_id,image_id,dx,dx_type,age,sex,localization`, optionally
-followed by `dataset`. Every problem is a DataError of one line naming the
-file, the 1-based CSV line and the field.
+followed by `dataset`; columns are matched by name (any order is accepted).
+UTF-8 with or without a BOM, LF or CRLF; Latin-1, UTF-16 and other encodings
+are refused. Every problem is a DataError of one line naming the file, the
+1-based CSV line and the field.
 """
 
 from __future__ import annotations
