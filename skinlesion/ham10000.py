@@ -3,8 +3,10 @@
 Layout (as the real dataset ships): `HAM10000_metadata.csv` plus the images in
 `HAM10000_images_part_1/` and `HAM10000_images_part_2/`. The metadata has the
 columns `lesion_id,image_id,dx,dx_type,age,sex,localization`, optionally
-followed by `dataset`. Every problem is a DataError of one line naming the
-file, the 1-based CSV line and the field.
+followed by `dataset`; columns are matched by name (any order is accepted).
+UTF-8 with or without a BOM, LF or CRLF; Latin-1, UTF-16 and other encodings
+are refused. Every problem is a DataError of one line naming the file, the
+1-based CSV line and the field.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from skinlesion import userinput
@@ -89,27 +93,37 @@ def _check_row(row: dict[str, str], line: int) -> None:
         )
 
 
-def _decode(data: bytes, name: str) -> str:
+def _text(data: bytes, name: str) -> io.TextIOWrapper:
+    """`data` as UTF-8 text (a BOM dropped), checked whole first, then decoded as read
+    (a StringIO of the whole text would hold 4 bytes per character)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{name} line 1: UTF-16 text; save it as UTF-8")
     try:
-        return data.decode("utf-8-sig")
+        data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{name}: {userinput.describe(exc)}") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{name} line {line}: {userinput.describe(exc)}; save it as UTF-8 "
+            "(Latin-1 and other encodings are refused)"
+        ) from None
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
 
 
 def parse_metadata(data: bytes, name: str = METADATA) -> pd.DataFrame:
     """Validate the metadata CSV bytes (`name`: its full path, for a decoding error);
-    a frame in CSV order with a `line` column."""
-    reader = csv.reader(io.StringIO(_decode(data, name), newline=""))
+    a frame in CSV order with a `line` column. Column by column, with repeated values
+    shared and the descriptive columns categorical: a million rows fit in a few hundred MB."""
+    reader = csv.reader(_text(data, name))
     try:
         header = next(reader)
     except StopIteration:
         raise DataError(f"{METADATA}: empty file") from None
     _check_header(header)
     names = [h.strip() for h in header]
-    rows: list[dict[str, str]] = []
+    columns: dict[str, list[str]] = {n: [] for n in names}
     lines: list[int] = []
-    first_image: dict[str, int] = {}
-    lesion_dx: dict[str, tuple[str, int]] = {}
+    first_image: set[str] = set()
+    lesion_dx: dict[str, int] = {}  # lesion_id -> its first row
     try:
         for fields in reader:
             line = reader.line_num
@@ -121,37 +135,57 @@ def parse_metadata(data: bytes, name: str = METADATA) -> pd.DataFrame:
                 )
             row = {name: value.strip() for name, value in zip(names, fields, strict=True)}
             _check_row(row, line)
-            _check_unique(row, line, first_image, lesion_dx)
-            rows.append(row)
+            _check_unique(row, line, columns, lines, first_image, lesion_dx)
+            for key, value in row.items():  # repeated values: one shared object
+                columns[key].append(value if key == "image_id" else sys.intern(value))
             lines.append(line)
     except csv.Error as exc:
         raise DataError(f"{METADATA} line {reader.line_num}: malformed CSV: {exc}") from None
-    if not rows:
+    del first_image, lesion_dx
+    if not lines:
         raise DataError(f"{METADATA}: no rows after the header")
-    frame = pd.DataFrame(rows, columns=names)
-    frame["line"] = lines
-    frame["age"] = pd.to_numeric(frame["age"], errors="coerce")  # not used for training
+    return _frame(columns, lines)
+
+
+def _frame(columns: dict[str, list[str]], lines: list[int]) -> pd.DataFrame:
+    frame = pd.DataFrame(index=pd.RangeIndex(len(lines)))
+    for name in list(columns):
+        values = columns.pop(name)
+        if name == "dx":
+            frame[name] = pd.Categorical(values, categories=CLASSES)
+        elif name == "age":  # not used for training
+            frame[name] = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce")
+        elif name in ("lesion_id", "image_id"):
+            frame[name] = pd.Series(values, dtype=object)
+        else:
+            frame[name] = pd.Categorical(values)
+        del values
+    frame["line"] = np.asarray(lines, dtype=np.int64)
     return frame
 
 
 def _check_unique(
     row: dict[str, str],
     line: int,
-    first_image: dict[str, int],
-    lesion_dx: dict[str, tuple[str, int]],
+    columns: dict[str, list[str]],
+    lines: list[int],
+    first_image: set[str],
+    lesion_dx: dict[str, int],
 ) -> None:
+    """`row` against the rows before it (`columns`, `lines`): a new image_id, and its
+    lesion's dx as before."""
     image_id, lesion_id, dx = row["image_id"], row["lesion_id"], row["dx"]
     if image_id in first_image:
-        raise _problem(
-            line, "image_id", f"duplicate {image_id!r} (first on line {first_image[image_id]})"
-        )
-    first_image[image_id] = line
-    known = lesion_dx.setdefault(lesion_id, (dx, line))
-    if known[0] != dx:
+        first = lines[columns["image_id"].index(image_id)]
+        raise _problem(line, "image_id", f"duplicate {image_id!r} (first on line {first})")
+    first_image.add(image_id)
+    known = lesion_dx.setdefault(lesion_id, len(lines))
+    if known < len(lines) and columns["dx"][known] != dx:
         raise _problem(
             line,
             "dx",
-            f"lesion {lesion_id!r} is {dx!r} here but {known[0]!r} on line {known[1]}",
+            f"lesion {lesion_id!r} is {dx!r} here but {columns['dx'][known]!r} "
+            f"on line {lines[known]}",
         )
 
 

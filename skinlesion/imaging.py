@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from skinlesion import userinput
 from skinlesion.errors import DataError
@@ -29,6 +29,7 @@ from skinlesion.storage import Store, open_store
 Resize = Literal["squash", "crop"]
 T = TypeVar("T")
 R = TypeVar("R")
+MAX_PIXELS = 50_000_000  # refused from the header, before decoding (HAM10000: 270,000)
 _DECODE_ERRORS = (
     OSError,
     SyntaxError,
@@ -51,8 +52,13 @@ def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash")
     URI) when undecodable."""
     try:
         source = Image.open(io.BytesIO(data))
+        if source.width * source.height > MAX_PIXELS:
+            raise DataError(
+                f"{name}: image of {source.width}x{source.height} pixels is over the limit "
+                f"of {MAX_PIXELS:,} (not decoded)"
+            )
         source.draft("RGB", (size, size))  # JPEG only: DCT downscale, both sides stay >= size
-        img = source.convert("RGB")
+        img = ImageOps.exif_transpose(source).convert("RGB")  # EXIF orientation applied
         box = centre_square(*img.size) if resize == "crop" else None
         return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
     except _DECODE_ERRORS as exc:

@@ -123,7 +123,7 @@ def run_prepare(
         shards, skipped, written = _write_shards(split, cfg, raw, work)
         result = Split(split.method, written["train"], written["val"])
         if skipped:
-            check_every_class(result)  # skipping may have emptied a class on one side
+            check_every_class(result, len(skipped))  # skipping may have emptied a class
         counts = result.counts
         class_distribution(
             counts,

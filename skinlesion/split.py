@@ -160,16 +160,21 @@ def _check_strata(frame: pd.DataFrame, split: Split, val_fraction: float) -> Non
         )
 
 
-def check_every_class(split: Split) -> None:
-    """Each class must have images on both sides (evaluation needs every class)."""
+def check_every_class(split: Split, skipped: int = 0) -> None:
+    """Each class must have images on both sides (evaluation needs every class);
+    `skipped`: images left out as unreadable, named as the cause."""
     for side, counts in split.counts.items():
         empty = [name for name, n in counts.items() if n == 0]
         if empty:
-            hint = {
-                "lesion": "each class needs at least 2 lesions",
-                "lesion-hash": "too few lesions of the class for its hash to reach both sides",
-                "seed": "each class needs at least 2 images",
-            }[split.method]
+            hint = (
+                f"emptied by the {skipped} skipped unreadable image(s)"
+                if skipped
+                else {
+                    "lesion": "each class needs at least 2 lesions",
+                    "lesion-hash": "too few lesions of the class for its hash to reach both sides",
+                    "seed": "each class needs at least 2 images",
+                }[split.method]
+            )
             raise DataError(
                 f"{split.method} split: no {side} images of class(es) {', '.join(empty)} ({hint})"
             )

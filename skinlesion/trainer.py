@@ -22,7 +22,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from skinlesion import config, logs, shards
+from skinlesion import config, logs, shards, train_seeds
 from skinlesion import model as model_lib
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import InputError, Terminated
@@ -235,7 +235,6 @@ class Trainer:
 
     def fit(self, model: Any) -> None:
         cfg, st, data = self.cfg, self.state, self.data
-        keras.utils.set_random_seed(cfg.seed + st.epochs_done)
         import tensorflow as tf
 
         size = data.image_size
@@ -245,13 +244,13 @@ class Trainer:
             # batch under MirroredStrategy must still be [n, size, size, 3]; also checks size.
             return tf.ensure_shape(images, [None, size, size, 3]), labels
 
-        train_ds = shards.dataset(
+        epochs = range(st.epochs_done, self.total_epochs)
+        train_ds = train_seeds.train_dataset(
             data.train_paths,
             NUM_CLASSES,
             self.batch_size,
-            shuffle=True,
-            seed=cfg.seed + st.epochs_done,
-            repeat=True,
+            self.steps_per_epoch,
+            [train_seeds.epoch_seed(cfg.seed, self.phase, e) for e in epochs],
         ).map(static)
         # A known length spares Keras' "ran out of data" warning and checks the manifest.
         val_ds = (
@@ -270,7 +269,12 @@ class Trainer:
                 initial_epoch=st.epochs_done,
                 steps_per_epoch=self.steps_per_epoch,
                 class_weight=self.class_weight,
-                callbacks=[*self.callbacks.stoppers.values(), self.callbacks.checkpoint, backup],
+                callbacks=[
+                    train_seeds.EpochSeeds(cfg.seed, self.phase),
+                    *self.callbacks.stoppers.values(),
+                    self.callbacks.checkpoint,
+                    backup,
+                ],
                 verbose=1 if logs.is_terminal() else 0,
                 shuffle=False,  # the dataset shuffles itself
             )

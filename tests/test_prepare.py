@@ -240,3 +240,15 @@ def test_undecodable_image_is_skipped_and_listed_on_request(raw: FileStore, tmp_
     assert [s["file"] for s in manifest["skipped"]] == [key]
     assert "cannot decode image" in manifest["skipped"][0]["reason"]
     check_output(manifest, out, raw, tmp_path)
+
+
+def test_a_class_emptied_by_skipped_images_is_named(raw: FileStore, tmp_path: Path) -> None:
+    plan = make_split(ham10000.load(raw).metadata, CFG.split, CFG.val_fraction, CFG.seed)
+    for key in plan.val.loc[plan.val["dx"] == "df", "key"]:
+        raw.put_bytes(str(key), b"\xff\xd8\xff\xe0 truncated")
+    out = FileStore(tmp_path / "out")
+    cfg = build(PrepareConfig, {"on_bad_image": "skip"}, CFG)
+    emptied = r"lesion split: no val images of class\(es\) df \(emptied by the \d+ skipped"
+    with pytest.raises(DataError, match=emptied):
+        prepare.run_prepare(cfg, raw, out)
+    assert not out.exists("manifest.json")

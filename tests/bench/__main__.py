@@ -13,9 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench import handoff_bench, prepare_bench
+from tests.bench import handoff_bench, metadata_bench, prepare_bench
 
-BENCHES = {"prepare": prepare_bench.run, "handoff": handoff_bench.run}
+BENCHES = {
+    "prepare": prepare_bench.run,
+    "handoff": handoff_bench.run,
+    "metadata": metadata_bench.run,
+}
 
 
 def _rows(prefix: str, value: Any) -> list[tuple[str, str]]:

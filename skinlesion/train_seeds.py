@@ -1,0 +1,61 @@
+"""Per-epoch randomness: every epoch's shuffle order and dropout masks come from
+(seed, phase, epoch) alone, so a phase resumed after epoch k trains epochs k+1.. exactly
+as an uninterrupted run does (bit for bit under `tf.config.experimental.enable_op_determinism`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from skinlesion import shards
+
+_PHASES = ("top", "finetune")
+
+
+def epoch_seed(seed: int, phase: str, epoch: int) -> int:
+    """A 31-bit seed for 0-based `epoch` of `phase`, independent of what ran before."""
+    state = np.random.SeedSequence([seed, _PHASES.index(phase), epoch]).generate_state(1)
+    return int(state[0]) & 0x7FFFFFFF
+
+
+def train_dataset(
+    paths: list[Path],
+    num_classes: int,
+    batch_size: int,
+    steps: int,
+    seeds: list[int],
+) -> Any:
+    """`steps` batches per epoch, one epoch per seed: each a fresh shuffle of the train
+    shards by its own seed (repeated when an epoch is longer than the data)."""
+    epochs = [
+        shards.dataset(paths, num_classes, batch_size, shuffle=True, seed=s, repeat=True).take(
+            steps
+        )
+        for s in seeds
+    ]
+    return functools.reduce(lambda a, b: a.concatenate(b), epochs)
+
+
+class EpochSeeds(keras.callbacks.Callback):
+    """At each epoch's start, reseeds Keras' global generator and every layer's own seed
+    generator (dropout) from (seed, phase, epoch)."""
+
+    def __init__(self, seed: int, phase: str) -> None:
+        super().__init__()
+        self.seed, self.phase = seed, phase
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        s = epoch_seed(self.seed, self.phase, epoch)
+        keras.utils.set_random_seed(s)
+        for i, gen in enumerate(seed_generators(self.model)):
+            gen.state.assign(np.array([s, i], dtype=gen.state.dtype))
+
+
+def seed_generators(model: Any) -> list[Any]:
+    """The seed generators of `model`'s layers (nested models included), in layer order."""
+    return [g for layer in model._flatten_layers() for g in layer._seed_generators]
