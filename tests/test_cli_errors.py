@@ -22,7 +22,8 @@ from skinlesion.storage import FileStore, open_store
 
 STAGES_WITH_CONFIG = ("prepare", "augment", "train", "evaluate", "promote")
 COMMANDS = (*STAGES_WITH_CONFIG, "predict", "sample-data", "run", "cancel", "gc")
-# `runs list|show` has its own bad-input tests (tests/test_run_status.py).
+# `runs list|show` and `models ...` have their own bad-input tests
+# (tests/test_run_status.py, tests/test_models_cli.py).
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ def test_bad_input_is_one_line_and_exit_2(
 
 def test_every_command_is_in_the_table() -> None:
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) - {"controller", "runs"} == set(COMMANDS)  # type: ignore[arg-type]
+    assert set(sub.choices) - {"controller", "runs", "models"} == set(COMMANDS)  # type: ignore[arg-type]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -291,7 +292,10 @@ def _tree(tmp_path: Path, metadata: bytes) -> FileStore:
             b"lesion_id\timage_id\tdx\tdx_type\tage\tsex\tlocalization\nHAM_1\tISIC_1\tnv\n",
             "the delimiter looks wrong: columns are separated by tab",
         ),
-        (b"lesion_id,image_id,dx\n\xff\xfe\x00garbage\n", "{uri}/HAM10000_metadata.csv: not UTF-8"),
+        (
+            b"lesion_id,image_id,dx\n\xff\xfe\x00garbage\n",
+            "{uri}/HAM10000_metadata.csv line 2: not UTF-8",
+        ),
     ],
     ids=["semicolon", "tab", "not-utf8"],
 )

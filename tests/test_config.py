@@ -148,7 +148,7 @@ BAD_OVERRIDES = [
     ("prepare=3", "prepare", "must be a mapping"),
     # bad Literal choices
     ("train.backbone=vgg16", "train.backbone", "must be one of resnet152"),
-    ("prepare.split=random", "prepare.split", "must be one of lesion, seed"),
+    ("prepare.split=random", "prepare.split", "must be one of lesion, lesion-hash, seed"),
     ("prepare.resize=stretch", "prepare.resize", "must be one of squash, crop"),
     ("promote.metric=accuracy", "promote.metric", "must be one of"),
     # out of range
