@@ -58,11 +58,26 @@ def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash")
                 f"of {MAX_PIXELS:,} (not decoded)"
             )
         source.draft("RGB", (size, size))  # JPEG only: DCT downscale, both sides stay >= size
-        img = ImageOps.exif_transpose(source).convert("RGB")  # EXIF orientation applied
+        img: Image.Image = source
+        if _has_orientation(source):
+            img = ImageOps.exif_transpose(source)  # EXIF orientation applied
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         box = centre_square(*img.size) if resize == "crop" else None
         return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
     except _DECODE_ERRORS as exc:
         raise DataError(f"{name}: cannot decode image: {userinput.describe(exc)}") from None
+
+
+def _has_orientation(img: Image.Image) -> bool:
+    """Whether the image carries an EXIF orientation other than 1 (upright): only then
+    is transposing it worth the copy (reads the EXIF block already in the header)."""
+    if "exif" not in img.info:
+        return False
+    return img.getexif().get(ORIENTATION_TAG, 1) != 1
+
+
+ORIENTATION_TAG = 0x0112
 
 
 def resize_jpeg(

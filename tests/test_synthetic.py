@@ -83,6 +83,16 @@ def test_render_is_a_deterministic_600x450_rgb_jpeg() -> None:
     assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (600, 450))
 
 
+def test_files_weigh_about_what_real_ham10000_files_weigh() -> None:
+    """Real 600x450 HAM10000 JPEGs average about 260 KB; decode time follows size, so the
+    benchmarks' files must be as heavy (within 20%), every class alike."""
+    specs = synthetic.plan(400, seed=5)
+    chosen = [s for name in CLASSES for s in [x for x in specs if x.lesion.dx == name][:3]]
+    sizes = [len(synthetic.render(s)) for s in chosen]
+    assert abs(np.mean(sizes) / 260_000 - 1) < 0.2, np.mean(sizes)
+    assert min(sizes) > 150_000, sizes
+
+
 def test_images_of_one_lesion_differ_but_look_alike() -> None:
     specs = synthetic.plan(300, seed=4)
     lesion = Counter(s.lesion.lesion_id for s in specs).most_common(1)[0][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -92,11 +93,18 @@ class FileStore:
                 path = folder / name
                 if name.startswith(".tmp-"):
                     continue
-                if not self._inside(path):  # listed, so that reading it names the refusal
+                # The walk never enters a symlinked directory, so only a symlinked file can
+                # lead out: resolve just those (a resolve per file is most of a listing).
+                if path.is_symlink() and not self._inside(path):
+                    # listed, so that reading it names the refusal
                     out.append(ObjectInfo(path.relative_to(self.root).as_posix(), 0))
-                elif path.is_file():
-                    size = path.stat().st_size
-                    out.append(ObjectInfo(path.relative_to(self.root).as_posix(), size))
+                    continue
+                try:
+                    st = path.stat()
+                except OSError:  # a dangling link, or gone since the walk
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append(ObjectInfo(path.relative_to(self.root).as_posix(), st.st_size))
             dirnames.sort()
         return sorted(out, key=lambda o: o.key)
 
