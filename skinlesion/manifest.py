@@ -256,10 +256,13 @@ def _outputs(work: Path, what: str) -> list[Path]:
 def publish(out: Store, work: Path, manifest: Mapping[str, Any], what: str) -> dict[str, Any]:
     """Upload every file of `work` to the claimed, cleared `out`, then the manifest (plus
     the file list) last: the commit mark."""
-    files: dict[str, dict[str, Any]] = {}
-    for path in _outputs(work, what):
-        key = path.relative_to(work).as_posix()
-        files[key] = {"sha256": out.put_file(path, key), "size": path.stat().st_size}
+    paths = _outputs(work, what)
+    keys = [path.relative_to(work).as_posix() for path in paths]
+    digests = out.put_files(list(zip(paths, keys, strict=True)))  # in parallel on S3
+    files: dict[str, dict[str, Any]] = {
+        key: {"sha256": digest, "size": path.stat().st_size}
+        for path, key, digest in zip(paths, keys, digests, strict=True)
+    }
     committed = {**manifest, VERSION_FIELD: SCHEMA_VERSION, "files": files}
     put_json(out, MANIFEST, committed)  # the commit mark, written last
     return committed

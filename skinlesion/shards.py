@@ -191,9 +191,9 @@ def shard_count(listed: Shards, split: str, where: str) -> int:
 
 def fetch_split(store: Store, listed: Shards, split: str, dest: Path) -> list[Path]:
     """Download the shards of `split` that a committed stage result lists."""
-    paths = []
-    for shard in split_shards(listed, split, store.uri):
-        path = dest / split / shard["file"]
-        store.get_file(shard["file"], path)
-        paths.append(path)
-    return paths
+    items = [
+        (shard["file"], dest / split / shard["file"])
+        for shard in split_shards(listed, split, store.uri)
+    ]
+    store.get_files(items)  # in parallel on S3
+    return [path for _, path in items]

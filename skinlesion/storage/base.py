@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +47,8 @@ class Store(Protocol):
     def put_bytes(self, key: str, data: bytes) -> str: ...
     def get_file(self, key: str, dest: str | Path) -> None: ...
     def put_file(self, src: str | Path, key: str) -> str: ...
+    def put_files(self, items: Sequence[tuple[str | Path, str]]) -> list[str]: ...
+    def get_files(self, items: Sequence[tuple[str, str | Path]]) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
@@ -67,13 +70,12 @@ def put_json(store: Store, key: str, value: Any) -> str:
 
 def download_prefix(store: Store, prefix: str, dest: Path) -> list[Path]:
     """Copy every object under `prefix` into `dest`, keeping relative paths."""
-    paths = []
+    items = []
     for obj in store.list(prefix):
         target = dest / obj.key[len(prefix) :].lstrip("/") if prefix else dest / obj.key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(obj.key, target)
-        paths.append(target)
-    return paths
+        items.append((obj.key, target))
+    store.get_files(items)
+    return [target for _, target in items]
 
 
 def join_keys(*parts: str) -> str:

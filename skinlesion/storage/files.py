@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from skinlesion.errors import InputError, StoreError
@@ -76,6 +77,14 @@ class FileStore:
             raise StoreError(f"checksum mismatch writing {self.uri}/{key}")
         os.replace(tmp, path)
         return digest
+
+    def put_files(self, items: Sequence[tuple[str | Path, str]]) -> list[str]:
+        """`put_file` of every (source, key), in order (local copies: no latency to hide)."""
+        return [self.put_file(src, key) for src, key in items]
+
+    def get_files(self, items: Sequence[tuple[str, str | Path]]) -> None:
+        for key, dest in items:
+            self.get_file(key, dest)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
