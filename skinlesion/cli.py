@@ -105,10 +105,16 @@ def _train(args: argparse.Namespace) -> int:
     out = store_flag("--out", args.out)
     logs.import_tensorflow()
     from skinlesion import train
+    from skinlesion.train_cluster import Cluster
 
+    # An Indexed Job's pod: its worker index and peers, from the variables the chart sets.
+    cluster = Cluster.from_env(os.environ)
+    if cluster is not None:
+        os.environ["TF_CONFIG"] = cluster.tf_config()
     manifest = train.run_train(
-        cfg, args.phase, train_data, val_data, out, init_model=init, force=args.force
-    )
+        cfg, args.phase, train_data, val_data, out, init_model=init, force=args.force,
+        cluster=cluster,
+    )  # fmt: skip
     pushgateway.note_manifest(manifest)
     return 0
 

@@ -103,11 +103,23 @@ class TrainConfig:
     dense_units: int = setting(1000, "units of the head's dense layer", "[1, 65536]")
     dropout: float = setting(0.25, "dropout rate of the head", "[0, 1)")
     mixed_precision: Literal["auto", "on", "off"] = setting(
-        "auto", "auto: on when a GPU is visible"
+        "auto",
+        "auto: on when a GPU is visible; bfloat16 where every GPU has it (compute capability"
+        " >= 8.0) and on CPUs, else float16 with loss scaling",
+    )
+    xla: Literal["auto", "on", "off"] = setting(
+        "auto", "XLA compilation of the training step; auto: on with one GPU", output=False
     )
     seed: int = setting(0, "seed of weights and shuffling", SEED)
     steps_per_epoch: int = setting(
         0, "steps per epoch; 0 = one pass over the training data", f"[0, {MAX_IMAGES}]"
+    )
+    cache_features: bool = setting(
+        True,
+        "compute the frozen layers once per image and train only the rest (phase top: the "
+        "pooled features, kept in the stage's output; fine-tune: the output of the block "
+        "before the trainable one); where a layer before them changes in training the "
+        "stage takes the full path and logs why",
     )
     lr_schedule: Literal["constant", "cosine"] = setting(
         "constant", "learning rate over a phase: constant (the reference) or cosine decay to 1/10"

@@ -162,6 +162,20 @@ def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return count
 
 
+def available_memory(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of memory this process may use: the cgroup limit (v2 `memory.max`, v1
+    `memory.limit_in_bytes`) when there is one, else the machine's total."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (cgroup_root / name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return min(total, int(text))  # v1 reports "no limit" as a huge number
+    return int(total)
+
+
 def resolve_workers(workers: int) -> int:
     """`workers`, or one per available CPU when 0."""
     return workers if workers > 0 else available_cpus()

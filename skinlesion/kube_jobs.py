@@ -30,7 +30,9 @@ LABEL_RUN_ID = "skinlesion.io/run-id"
 LABEL_ATTEMPT = "skinlesion.io/attempt"
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on a Job's pods
 JOB_NAME_ENV = "SKINLESION_JOB_NAME"  # the controller's own Job name (--run-id-from-job)
-_MAX_NAME = 63
+# A Job name leaves room for "-<index>": the pods of an Indexed Job (a multi-worker stage)
+# are named, and their hostnames set, <job-name>-<completion index>, a DNS label too.
+_MAX_NAME = 63 - len("-999")
 _EXIT_CODE_IN_MESSAGE = re.compile(r"failed with exit code (\d+)")
 
 
@@ -145,7 +147,7 @@ def raised_memory_limit(current: int, retry: OomRetry, shape_limit: int) -> int:
 
 
 def job_name(release: str, stage: str, run_id: str, attempt: int) -> str:
-    """`<release>-<stage>-<run-id>`, `-a<attempt>` from the second attempt, <= 63 chars.
+    """`<release>-<stage>-<run-id>`, `-a<attempt>` from the second attempt, <= 59 chars.
 
     A long release is shortened (never the stage or run id, which keep names unique).
     """

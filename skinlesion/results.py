@@ -90,6 +90,9 @@ class TrainResult(Result):
     batch_size: int
     mixed_precision: bool
     replicas: int
+    # How the phase fed its model: inputs "memory" (decoded once) or "stream"; features
+    # "pooled" | "block" (frozen layers cached: layer) | "off", with the reason.
+    data_path: dict[str, Any]
 
 
 @dataclass(frozen=True)

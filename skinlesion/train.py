@@ -12,14 +12,23 @@ from typing import Any
 
 from skinlesion import config, logs, train_runtime
 from skinlesion.errors import InputError
-from skinlesion.manifest import commit_stage, fingerprint, input_fingerprints
+from skinlesion.manifest import (
+    STATE_PREFIX,
+    commit_stage,
+    fingerprint,
+    input_fingerprints,
+    is_done,
+    read_manifest,
+)
 from skinlesion.results import TrainResult
 from skinlesion.scratch import scratch_dir
-from skinlesion.storage import Store
+from skinlesion.storage import FileStore, Store, download_prefix
 from skinlesion.train_callbacks import TrainCallbacks
+from skinlesion.train_cluster import Cluster
 from skinlesion.train_data import load_train_data
+from skinlesion.train_models import InitModel, fresh_state
 from skinlesion.train_state import StateBackup
-from skinlesion.trainer import STAGE_OF_PHASE, InitModel, Phase, Trainer, fresh_state, phase_epochs
+from skinlesion.trainer import STAGE_OF_PHASE, Phase, Trainer, phase_epochs
 
 BEST_CKPT = "checkpoints/best.weights.h5"  # in the stage output: the best-val weights
 
@@ -32,8 +41,12 @@ def run_train(
     out: Store,
     init_model: Store | None = None,
     force: bool = False,
+    cluster: Cluster | None = None,
 ) -> dict[str, Any]:
-    """Train one phase and commit `model.keras`, history, curves and config under `out`."""
+    """Train one phase and commit `model.keras`, history, curves and config under `out`.
+
+    With a `cluster` (several pods training together) only the chief writes to `out`; the
+    other workers start from the chief's resume state and write into a scratch copy."""
     if phase not in STAGE_OF_PHASE:
         raise InputError(f"phase must be 'top' or 'finetune', got {phase!r}")
     stage = STAGE_OF_PHASE[phase]
@@ -53,7 +66,7 @@ def run_train(
         log = logs.get().bind(phase=phase)
         with (
             scratch_dir("skinlesion-train-") as tmp,
-            train_runtime.select_runtime(cfg) as runtime,  # before any TF op touches the GPUs
+            train_runtime.select_runtime(cfg, cluster) as runtime,  # before TF touches GPUs
         ):
             data = load_train_data(train_data, val_data, tmp / "data")
             batch_size = runtime.global_batch(cfg.batch_size)
@@ -87,7 +100,25 @@ def run_train(
             )
             return trainer.run(work, tmp)
 
+    if cluster is not None and not cluster.chief:
+        return _as_worker(out, fp, lambda own: commit_stage(
+            stage, own, settings, inputs, body, force, input_uris=names, claim_first=True
+        ))  # fmt: skip
     # Training keeps resume state under out/state/ while it runs: claim the prefix first.
     return commit_stage(
         stage, out, settings, inputs, body, force, input_uris=names, claim_first=True
     )
+
+
+def _as_worker(out: Store, fp: str, commit: Any) -> dict[str, Any]:
+    """A non-chief worker: trains in step with the chief (the same epochs: it starts from
+    the chief's resume state) but writes only to a scratch copy of the output, dropped at
+    the end. A stage the chief has committed is skipped, as the chief skips it."""
+    if is_done(out, fp):
+        manifest = read_manifest(out)
+        assert manifest is not None
+        return manifest
+    with scratch_dir("skinlesion-worker-") as tmp:
+        own = FileStore(tmp / "out")
+        download_prefix(out, STATE_PREFIX, tmp / "out" / STATE_PREFIX)
+        return dict(commit(own))

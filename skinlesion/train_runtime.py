@@ -1,8 +1,14 @@
-"""Where training runs: devices, distribution and the Keras dtype policy.
+"""Where training runs: devices, distribution, precision and compilation.
 
-Mixed precision when a GPU is visible (`mixed_precision: auto`), and
-`tf.distribute.MirroredStrategy` over all GPUs when there are several;
-`batch_size` is the global batch.
+- Precision (`train.mixed_precision`; auto: on when a GPU is visible): bfloat16 compute
+  where every GPU has it (compute capability >= 8.0, and on CPUs), else float16 with
+  dynamic loss scaling (Keras wraps the optimizer when the policy is mixed_float16).
+- XLA (`train.xla`; auto: on with one GPU and one replica, as Keras' own rule: it turns
+  XLA off under tf.distribute).
+- Distribution: `MultiWorkerMirroredStrategy` when the stage runs as several pods (an
+  Indexed Job: `Cluster`, derived from the pod's completion index at the edge), else
+  `MirroredStrategy` over the local GPUs when there are several. `batch_size` is the
+  global batch. Only the chief (worker 0) writes the stage's outputs.
 """
 
 from __future__ import annotations
@@ -16,13 +22,21 @@ from typing import Any
 import keras
 
 from skinlesion import config
+from skinlesion.train_cluster import Cluster
 
 
 @dataclass(frozen=True)
 class Runtime:
     strategy: Any
     gpus: int
-    mixed_precision: bool
+    precision: str  # the Keras dtype policy: float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: bool
+    workers: int = 1  # processes training together (multi-worker)
+    chief: bool = True  # writes the outputs
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.precision != "float32"
 
     @property
     def replicas(self) -> int:
@@ -46,19 +60,57 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
+def precision_policy(mode: str, capabilities: list[tuple[int, int]]) -> str:
+    """The dtype policy for `train.mixed_precision` and the GPUs' compute capabilities."""
+    if mode == "off" or (mode == "auto" and not capabilities):
+        return "float32"
+    if all(cc >= (8, 0) for cc in capabilities):  # Ampere and later, and CPUs: bfloat16
+        return "mixed_bfloat16"
+    return "mixed_float16"  # with loss scaling
+
+
+def use_xla(mode: str, gpus: int, replicas: int) -> bool:
+    return mode == "on" or (mode == "auto" and gpus > 0 and replicas == 1)
+
+
+def _capabilities(tf: Any, gpus: list[Any]) -> list[tuple[int, int]]:
+    out = []
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        out.append(tuple(details.get("compute_capability") or (0, 0)))
+    return out
+
+
 @contextlib.contextmanager
-def select_runtime(cfg: config.TrainConfig) -> Iterator[Runtime]:
-    """Precision and distribution from the visible GPUs; enter before any TF op initialises
-    them. The dtype policy holds until exit."""
+def select_runtime(cfg: config.TrainConfig, cluster: Cluster | None = None) -> Iterator[Runtime]:
+    """Precision, distribution and compilation from the visible GPUs and the cluster;
+    enter before any TF op initialises the GPUs. The dtype policy holds until exit."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         with contextlib.suppress(RuntimeError):  # already initialised in this process
             tf.config.experimental.set_memory_growth(gpu, True)
-    mixed = cfg.mixed_precision == "on" or (cfg.mixed_precision == "auto" and bool(gpus))
-    with dtype_policy("mixed_float16" if mixed else "float32"):
-        strategy = (
-            tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    policy = precision_policy(cfg.mixed_precision, _capabilities(tf, gpus))
+    with dtype_policy(policy):
+        if cluster is not None:
+            resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+                tf.train.ClusterSpec({"worker": list(cluster.hosts)}),
+                task_type="worker",
+                task_id=cluster.index,
+                rpc_layer="grpc",
+            )
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        elif len(gpus) > 1:
+            strategy = tf.distribute.MirroredStrategy()
+        else:
+            strategy = tf.distribute.get_strategy()
+        replicas = int(strategy.num_replicas_in_sync)
+        yield Runtime(
+            strategy=strategy,
+            gpus=len(gpus),
+            precision=policy,
+            jit_compile=use_xla(cfg.xla, len(gpus), replicas),
+            workers=len(cluster.hosts) if cluster else 1,
+            chief=cluster.chief if cluster else True,
         )
-        yield Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=mixed)

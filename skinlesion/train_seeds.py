@@ -5,14 +5,10 @@ as an uninterrupted run does (bit for bit under `tf.config.experimental.enable_o
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-
-from skinlesion import shards
 
 _PHASES = ("top", "finetune")
 
@@ -21,24 +17,6 @@ def epoch_seed(seed: int, phase: str, epoch: int) -> int:
     """A 31-bit seed for 0-based `epoch` of `phase`, independent of what ran before."""
     state = np.random.SeedSequence([seed, _PHASES.index(phase), epoch]).generate_state(1)
     return int(state[0]) & 0x7FFFFFFF
-
-
-def train_dataset(
-    paths: list[Path],
-    num_classes: int,
-    batch_size: int,
-    steps: int,
-    seeds: list[int],
-) -> Any:
-    """`steps` batches per epoch, one epoch per seed: each a fresh shuffle of the train
-    shards by its own seed (repeated when an epoch is longer than the data)."""
-    epochs = [
-        shards.dataset(paths, num_classes, batch_size, shuffle=True, seed=s, repeat=True).take(
-            steps
-        )
-        for s in seeds
-    ]
-    return functools.reduce(lambda a, b: a.concatenate(b), epochs)
 
 
 class EpochSeeds(keras.callbacks.Callback):

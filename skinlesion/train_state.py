@@ -43,6 +43,8 @@ class TrainState:
     best_key: str = ""  # state/best-<n>.weights.h5
     interrupted_in_epoch: int | None = None  # SIGTERM mid-epoch: weights are partial
     resumes: int = 0
+    cache: str = ""  # the feature cache the model trains on (feature_cache.Kind)
+    cache_reason: str = ""
 
 
 class StateBackup:

@@ -1,9 +1,8 @@
-"""The trainer of one phase: builds or restores the model, fits it with a state backup
-after every epoch, and writes the stage outputs.
+"""The trainer of one phase: gets its models (`train_models`: the full classifier and
+the part that trains, on cached features where valid), fits it with a state backup after
+every epoch, and writes the stage outputs (always the full model).
 
-Phase top: base frozen (trained whole with `weights: none`), rmsprop. Phase
-finetune: the best top model with the backbone's last block unfrozen (BatchNorm
-kept frozen), Adam at `finetune_learning_rate`. Both: categorical
+Phase top: rmsprop. Phase finetune: Adam at `finetune_learning_rate`. Both: categorical
 cross-entropy, EarlyStopping on val_loss and on val_accuracy, best-val_accuracy
 checkpoint; class weights when the training set is not class-balanced by augment.
 """
@@ -15,24 +14,25 @@ import math
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import keras
 import numpy as np
 
-from skinlesion import config, logs, shards, train_seeds
+from skinlesion import config, feature_cache, logs, train_seeds
 from skinlesion import model as model_lib
-from skinlesion.classes import CLASSES, NUM_CLASSES
-from skinlesion.errors import InputError, Terminated
+from skinlesion.classes import CLASSES
+from skinlesion.errors import Terminated
+from skinlesion.feature_cache import CachePlan
 from skinlesion.layout import MODEL_FILE
-from skinlesion.manifest import read_result
 from skinlesion.plots.training import training_curves
 from skinlesion.results import TrainResult
-from skinlesion.storage import Store, get_json
+from skinlesion.storage import get_json
 from skinlesion.train_callbacks import EpochBackup, TrainCallbacks
 from skinlesion.train_data import TrainData, class_weights
+from skinlesion.train_inputs import Inputs, memory_budget
+from skinlesion.train_models import InitModel, phase_models
 from skinlesion.train_runtime import Runtime, dtype_policy
 from skinlesion.train_state import METRICS, StateBackup, TrainState
 
@@ -42,32 +42,6 @@ STAGE_OF_PHASE: dict[str, str] = {"top": "train", "finetune": "finetune"}
 
 def phase_epochs(cfg: config.TrainConfig, phase: Phase) -> int:
     return cfg.top_epochs if phase == "top" else cfg.finetune_epochs
-
-
-@dataclass(frozen=True)
-class InitModel:
-    """The committed top-phase output that fine-tuning starts from."""
-
-    store: Store
-    manifest: dict[str, Any]
-    result: TrainResult
-
-    @classmethod
-    def read(cls, store: Store) -> InitModel:
-        return cls(store, *read_result(store, TrainResult, "init_model"))
-
-
-def fresh_state(fp: str, phase: Phase, init: InitModel | None, val_fingerprint: str) -> TrainState:
-    """The state of a phase's first attempt. The fine-tuned model must beat the model it
-    starts from (when both were scored on the same val data): that one is best, epoch 0."""
-    state = TrainState(fingerprint=fp, phase=phase)
-    if init is not None:
-        best = init.result.best_val_accuracy
-        same_val = init.manifest["inputs"].get("val_data") == val_fingerprint
-        if best is not None and same_val:
-            state.best_val_accuracy = float(best)
-            state.best_epoch = 0
-    return state
 
 
 class Trainer:
@@ -108,42 +82,29 @@ class Trainer:
                 lr, decay_steps=max(1, self.total_epochs * self.steps_per_epoch), alpha=0.1
             )
         opt = keras.optimizers.RMSprop(learning_rate=lr) if top else keras.optimizers.Adam(lr)
-        model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=["accuracy"])
-
-    def fresh_model(self, tmp: Path) -> Any:
-        cfg, size = self.cfg, self.data.image_size
-        if self.phase == "top":
-            model = model_lib.build_for_config(cfg, size)
-            self.compile(model)
-            return model
-        assert self.init is not None
-        init, uri = self.init.manifest, self.init.store.uri
-        for key, want in (("backbone", cfg.backbone), ("image_size", size)):
-            if key in init and init[key] != want:
-                raise InputError(f"init model {uri} has {key} {init[key]!r}, this run has {want!r}")
-        local = tmp / "init" / MODEL_FILE
-        self.init.store.get_file(MODEL_FILE, local)
-        loaded = model_lib.load_model(local)
-        model = model_lib.build_for_config(cfg, size, load_weights=False)
-        try:
-            model_lib.set_model_weights(model, loaded.get_weights())
-        except ValueError as exc:
-            raise InputError(
-                f"init model {uri} does not match train settings "
-                f"(backbone {cfg.backbone}, dense_units {cfg.dense_units}): {exc}"
-            ) from None
-        del loaded
-        prefixes = model_lib.block_prefixes(cfg.backbone, cfg.finetune_block)
-        unfrozen = model_lib.unfreeze_block(model, prefixes)
-        self.log.info(
-            "unfrozen",
-            prefixes=list(prefixes),
-            layers=len(unfrozen),
-            first=unfrozen[:1],
-            last=unfrozen[-1:],
+        model.compile(
+            optimizer=opt,
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=self.runtime.jit_compile,
         )
-        self.compile(model)
-        return model
+
+    def models(self, work: Path, tmp: Path) -> tuple[Any, Any, Inputs, CachePlan]:
+        """(full model, the model that trains, its inputs, the cache plan); compiled, or
+        restored with its optimizer, and the best-so-far weights file written."""
+        st = self.state
+        budget = 0 if self.runtime.workers > 1 else memory_budget()  # see train_runtime
+        full, model, inputs, cache = phase_models(
+            self.cfg, self.phase, self.data, self.init, work, tmp, budget,
+            restore=None if self.resumed_from is None else self.backups.restore_model,
+            state=st,
+        )  # fmt: skip
+        if self.resumed_from is None:
+            self.compile(model)
+            if st.best_val_accuracy is not None:  # finetune: the init model is the best so far
+                model.save_weights(self.backups.best_file)
+                self.backups.best_changed = True  # the first backup stores it
+        return full, model, inputs, cache
 
     # -- per epoch -----------------------------------------------------------------------
 
@@ -213,7 +174,6 @@ class Trainer:
         with runtime.strategy.scope():
             if self.resumed_from is not None:
                 st.resumes += 1
-                model = self.backups.restore_model(st)
                 log.info(
                     "resuming",
                     epoch=st.epochs_done,
@@ -222,44 +182,20 @@ class Trainer:
                     interrupted_in_epoch=st.interrupted_in_epoch,
                     finished=st.finished,
                 )
-            else:
-                model = self.fresh_model(tmp)
-                if st.best_val_accuracy is not None:  # finetune: the init model
-                    model.save_weights(best_file)
-                    self.backups.best_changed = True  # the first backup stores it
+            full, model, inputs, cache = self.models(work, tmp)
+            log.info("inputs", path=inputs.path, sample_shape=list(inputs.sample_shape))
             if not st.finished and st.epochs_done < self.total_epochs:
-                self.fit(model)
+                self.fit(model, inputs)
             if not best_file.exists():  # no epoch had a finite val_accuracy
                 model.save_weights(best_file)
-        return self.finish(model, work)
+        return self.finish(full, model, work, {"inputs": inputs.path, **_cache_fields(cache)})
 
-    def fit(self, model: Any) -> None:
-        cfg, st, data = self.cfg, self.state, self.data
-        import tensorflow as tf
-
-        size = data.image_size
-
-        def static(images: Any, labels: Any) -> Any:
-            # Static image shapes: the (possibly empty) per-replica pieces of a last, partial
-            # batch under MirroredStrategy must still be [n, size, size, 3]; also checks size.
-            return tf.ensure_shape(images, [None, size, size, 3]), labels
-
+    def fit(self, model: Any, inputs: Inputs) -> None:
+        cfg, st = self.cfg, self.state
         epochs = range(st.epochs_done, self.total_epochs)
-        train_ds = train_seeds.train_dataset(
-            data.train_paths,
-            NUM_CLASSES,
-            self.batch_size,
-            self.steps_per_epoch,
-            [train_seeds.epoch_seed(cfg.seed, self.phase, e) for e in epochs],
-        ).map(static)
-        # A known length spares Keras' "ran out of data" warning and checks the manifest.
-        val_ds = (
-            shards.dataset(data.val_paths, NUM_CLASSES, self.batch_size)
-            .map(static)
-            .apply(
-                tf.data.experimental.assert_cardinality(math.ceil(data.val_count / self.batch_size))
-            )
-        )
+        seeds = [train_seeds.epoch_seed(cfg.seed, self.phase, e) for e in epochs]
+        train_ds = inputs.train(self.batch_size, self.steps_per_epoch, seeds)
+        val_ds = inputs.val(self.batch_size)
         backup = EpochBackup(self.epoch_done)
         try:
             model.fit(
@@ -296,15 +232,19 @@ class Trainer:
 
     # -- outputs -------------------------------------------------------------------------
 
-    def finish(self, model: Any, work: Path) -> TrainResult:
+    def finish(self, full: Any, model: Any, work: Path, data_path: dict[str, Any]) -> TrainResult:
+        """Write the outputs: the full model (base + head) with the best-val weights of
+        `model` (the full one, or the part trained on cached features)."""
         cfg, st, data, runtime = self.cfg, self.state, self.data, self.runtime
         # The final model: best-val weights in a float32, uncompiled copy (portable to CPU).
         with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
             warnings.simplefilter("ignore")
             model.load_weights(self.backups.best_file)
+        if model is not full:
+            feature_cache.copy_weights(model, full)
         with dtype_policy("float32"):
             final = model_lib.build_for_config(cfg, data.image_size, load_weights=False)
-            model_lib.set_model_weights(final, model.get_weights())
+            model_lib.set_model_weights(final, full.get_weights())
             final.save(work / MODEL_FILE)
         history = {"phase": self.phase, **st.history}
         (work / "history.json").write_text(json.dumps(history, indent=2) + "\n")
@@ -348,6 +288,7 @@ class Trainer:
             batch_size=self.batch_size,
             mixed_precision=runtime.mixed_precision,
             replicas=runtime.replicas,
+            data_path=data_path,
         )
         self.log.info(
             f"{STAGE_OF_PHASE[self.phase]}_done",
@@ -359,6 +300,15 @@ class Trainer:
             resumed_from_epoch=self.resumed_from,
         )
         return extra
+
+
+def _cache_fields(cache: CachePlan) -> dict[str, Any]:
+    return {
+        "features": cache.kind,
+        "reason": cache.reason,
+        "layer": cache.boundary,
+        "extract_seconds": cache.extract_seconds,
+    }
 
 
 def _r(value: Any) -> float | None:

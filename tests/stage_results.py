@@ -65,6 +65,7 @@ def train_result(image_size: int, phase: str = "top", **changes: Any) -> TrainRe
         "batch_size": 8,
         "mixed_precision": False,
         "replicas": 1,
+        "data_path": {"inputs": "memory", "features": "off", "reason": "test", "layer": ""},
     }
     return TrainResult(**{**fields, **changes})
 

@@ -481,10 +481,10 @@ from skinlesion.storage import open_store
 from tests.test_train import tiny_cfg
 
 @contextlib.contextmanager
-def two_replicas(cfg):  # what select_runtime picks with two GPUs, on two CPU devices
+def two_replicas(cfg, cluster=None):  # what select_runtime picks with two GPUs, on two CPUs
     with train_runtime.dtype_policy("float32"):
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        yield train_runtime.Runtime(strategy=strategy, gpus=0, mixed_precision=False)
+        yield train_runtime.Runtime(strategy, gpus=0, precision="float32", jit_compile=False)
 
 train_runtime.select_runtime = two_replicas
 logs.configure()

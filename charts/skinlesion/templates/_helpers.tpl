@@ -315,6 +315,7 @@ stage's arguments. (dict "root" $ "stage" "<stage>"; entrypoints: _stages.tpl)
 {{- $labels := dict "root" $root "component" .stage }}
 {{- $resources := deepCopy $s.resources }}
 {{- $image := include "skinlesion.image" $root }}
+{{- $workers := include "skinlesion.stageWorkers" . | int }}
 {{- if and (eq $s.pool "gpu") $root.Values.pools.gpu.requestGpu }}
 {{- $image = include "skinlesion.gpuImage" $root }}
 {{- $limits := get $resources "limits" | default dict }}
@@ -328,6 +329,11 @@ metadata:
   labels:
     {{- include "skinlesion.stageLabels" $labels | nindent 4 }}
 spec:
+  {{- if gt $workers 1 }}
+  completionMode: Indexed
+  completions: {{ $workers }}
+  parallelism: {{ $workers }}
+  {{- end }}
   backoffLimit: {{ int $s.backoffLimit }}
   activeDeadlineSeconds: {{ int $s.activeDeadlineSeconds }}
   ttlSecondsAfterFinished: {{ int $root.Values.ttlSecondsAfterFinished }}
@@ -341,6 +347,9 @@ spec:
       {{- include "skinlesion.podAnnotations" $root | nindent 6 }}
     spec:
       restartPolicy: Never
+      {{- if gt $workers 1 }}
+      subdomain: {{ include "skinlesion.workersServiceName" . }}
+      {{- end }}
       serviceAccountName: {{ include "skinlesion.stageServiceAccountName" $root }}
       automountServiceAccountToken: false
       enableServiceLinks: false
@@ -364,6 +373,14 @@ spec:
               value: /scratch
             - name: HOME
               value: /scratch
+            {{- if gt $workers 1 }}
+            {{- include "skinlesion.workersEnv" (dict "root" $root "stage" .stage "workers" $workers) | nindent 12 }}
+            {{- end }}
+          {{- if gt $workers 1 }}
+          ports:
+            - name: worker
+              containerPort: {{ include "skinlesion.workerPort" . }}
+          {{- end }}
           resources:
             {{- toYaml $resources | nindent 12 }}
           securityContext:
@@ -496,4 +513,45 @@ from an existing Secret. Empty values render nothing.
       name: {{ $v.notify.webhookUrl.existingSecret }}
       key: {{ $v.notify.webhookUrl.key }}
 {{- end }}
+{{- end }}
+
+{{/* --- multi-worker training (stages.<stage>.workers > 1) --- */}}
+
+{{/* The port the workers of a stage talk on (TF's gRPC). */}}
+{{- define "skinlesion.workerPort" -}}2222{{- end }}
+
+{{/*
+stages.<stage>.workers (default 1); more than one only for the training stages, which
+train together (MultiWorkerMirroredStrategy); other stages would do the same work twice.
+(dict "root" $ "stage" "<stage>")
+*/}}
+{{- define "skinlesion.stageWorkers" -}}
+{{- $workers := int ((index .root.Values.stages .stage).workers | default 1) }}
+{{- if and (gt $workers 1) (not (has .stage (list "train" "finetune"))) }}
+{{- fail (printf "stages.%s.workers: only train and finetune run on several workers" .stage) }}
+{{- end }}
+{{- $workers }}
+{{- end }}
+
+{{/* The headless Service that names a stage's worker pods. (dict "root" $ "stage" "x") */}}
+{{- define "skinlesion.workersServiceName" -}}
+{{- include "skinlesion.fullname" .root | trunc 44 | trimSuffix "-" }}-{{ .stage }}-workers
+{{- end }}
+
+{{/*
+What a worker pod derives its TF_CONFIG from (skinlesion/train_cluster.py): the worker
+count, the Service, the port and its Job's name; Kubernetes adds JOB_COMPLETION_INDEX.
+(dict "root" $ "stage" "x" "workers" n)
+*/}}
+{{- define "skinlesion.workersEnv" -}}
+- name: SKINLESION_WORKERS
+  value: {{ .workers | quote }}
+- name: SKINLESION_WORKER_SERVICE
+  value: {{ include "skinlesion.workersServiceName" . }}
+- name: SKINLESION_WORKER_PORT
+  value: {{ include "skinlesion.workerPort" . | quote }}
+- name: SKINLESION_STAGE_JOB
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.labels['batch.kubernetes.io/job-name']
 {{- end }}
