@@ -100,7 +100,7 @@ class Records:
         return tf.reshape(sample, self.shape), tf.cast(label, tf.int32)
 
     def ordered(self) -> Any:
-        """Every sample once, in file order."""
+        """Every sample once, in a fixed order (the files interleaved, READERS at once)."""
         tf = _tf()
         return self._files(None).map(self.decode, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -112,8 +112,8 @@ class Records:
         return ds.map(self.decode, num_parallel_calls=tf.data.AUTOTUNE)
 
     def load(self) -> tuple[Any, Any]:
-        """All samples and labels as tensors, in file order (decoded in parallel, copied
-        batch by batch into one array)."""
+        """All samples and labels as tensors, in `ordered()`'s order (decoded in parallel,
+        copied batch by batch into one array)."""
         tf = _tf()
         samples = np.empty((self.count, *self.shape), dtype=self.dtype)
         labels = np.empty(self.count, dtype=np.int32)
@@ -142,11 +142,14 @@ class Inputs:
     """The train and val datasets of a phase, from memory or streamed (`path`)."""
 
     def __init__(
-        self, train: Records, val: Records, num_classes: int, budget: int, allow_memory: bool = True
+        self, train: Records, val: Records, num_classes: int, budget: int, workers: int = 1
     ) -> None:
+        """`workers` > 1 (several processes train together): streamed, each worker keeping
+        its share of the batches (tf.data auto-sharding by data: any number of files)."""
         self.train_records, self.val_records, self.num_classes = train, val, num_classes
+        self.workers = workers
         fits = train.decoded_bytes + val.decoded_bytes <= budget
-        self.path: InputPath = "memory" if fits and allow_memory else "stream"
+        self.path: InputPath = "memory" if fits and workers == 1 else "stream"
         self._train: tuple[Any, Any] | None = None
         self._val: tuple[Any, Any] | None = None
         if self.path == "memory":
@@ -155,6 +158,17 @@ class Inputs:
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return self.train_records.shape
+
+    def _finish(self, ds: Any) -> Any:
+        tf = _tf()
+        ds = ds.map(self._one_hot).prefetch(tf.data.AUTOTUNE)
+        if self.workers > 1:
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = (
+                tf.data.experimental.AutoShardPolicy.DATA
+            )
+            ds = ds.with_options(options)
+        return ds
 
     def _one_hot(self, x: Any, y: Any) -> Any:
         tf = _tf()
@@ -186,7 +200,7 @@ class Inputs:
             return ds.take(steps)
 
         epochs = functools.reduce(lambda a, b: a.concatenate(b), [epoch(s) for s in seeds])
-        return epochs.map(self._one_hot).prefetch(tf.data.AUTOTUNE)
+        return self._finish(epochs)
 
     def val(self, batch_size: int) -> Any:
         tf = _tf()
@@ -195,9 +209,9 @@ class Inputs:
             ds = tf.data.Dataset.range(n).batch(batch_size).map(self._gather(self._val))
         else:
             ds = self.val_records.ordered().batch(batch_size)
-        ds = ds.map(self._one_hot).prefetch(tf.data.AUTOTUNE)
         # A known length spares Keras' "ran out of data" warning and checks the listing.
-        return ds.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
+        return self._finish(ds)
 
 
 def image_records(paths: list[Path], count: int, image_size: int) -> Records:

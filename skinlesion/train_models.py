@@ -100,6 +100,7 @@ def phase_models(
     work: Path,
     tmp: Path,
     budget: int,
+    workers: int,
     restore: Callable[[TrainState], Any] | None,
     state: TrainState,
 ) -> tuple[Any, Any, Inputs, CachePlan]:
@@ -115,7 +116,7 @@ def phase_models(
     if restore is not None and state.cache == "off":
         full = restore(state)  # the full model, compiled, with its optimizer state
         cache = CachePlan("off", state.cache_reason)
-        return full, full, Inputs(*images, NUM_CLASSES, budget), cache
+        return full, full, Inputs(*images, NUM_CLASSES, budget, workers), cache
     full = fresh_model(cfg, phase, data.image_size, init, tmp)
     cache = feature_cache.plan(cfg, phase, full)
     if restore is not None and state.cache and state.cache != cache.kind:
@@ -132,9 +133,9 @@ def phase_models(
         cache = dataclasses.replace(cache, extract_seconds=round(time.monotonic() - start, 2))
         if phase == "top":
             feature_cache.write_index(where, cache, {"train": train, "val": val})
-        inputs, model = Inputs(train, val, NUM_CLASSES, budget), parts.trainable
+        inputs, model = Inputs(train, val, NUM_CLASSES, budget, workers), parts.trainable
     else:
-        inputs, model = Inputs(*images, NUM_CLASSES, budget), full
+        inputs, model = Inputs(*images, NUM_CLASSES, budget, workers), full
     if restore is not None:
         model = restore(state)  # the trained part, with its optimizer state
     return full, model, inputs, cache

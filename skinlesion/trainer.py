@@ -93,9 +93,9 @@ class Trainer:
         """(full model, the model that trains, its inputs, the cache plan); compiled, or
         restored with its optimizer, and the best-so-far weights file written."""
         st = self.state
-        budget = 0 if self.runtime.workers > 1 else memory_budget()  # see train_runtime
         full, model, inputs, cache = phase_models(
-            self.cfg, self.phase, self.data, self.init, work, tmp, budget,
+            self.cfg, self.phase, self.data, self.init, work, tmp, memory_budget(),
+            self.runtime.workers,
             restore=None if self.resumed_from is None else self.backups.restore_model,
             state=st,
         )  # fmt: skip

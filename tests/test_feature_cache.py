@@ -110,10 +110,17 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cache")
     data = open_store(str(root / "prepare"))
     write_prepared(data)
+    # "Pretrained" weights: a base briefly trained from scratch, so that its features carry
+    # signal and both ways have something to learn.
     keras.utils.set_random_seed(3)
-    base = model_lib.build_base("mobilenetv3small", SIZE)
+    pre = model_lib.build_for_config(tiny_cfg(weights="none"), SIZE)
+    pre.compile(optimizer="adam", loss="categorical_crossentropy")
+    paths = sorted(Path(data.uri[len("file://") :]).glob("train-*.tfrecord"))
+    records = Records(tuple(paths), sum(TRAIN_PER_CLASS), (SIZE, SIZE, 3), "uint8", "jpeg")
+    x, y = records.load()
+    pre.fit(x, keras.utils.to_categorical(y, 7), batch_size=8, epochs=12, verbose=0)
     uri = f"{open_store(str(root / 'weights')).uri}/mnv3.weights.h5"
-    model_lib.save_base_weights(base, uri)
+    model_lib.save_base_weights(model_lib.get_base(pre), uri)
     return {"data": data, "weights": uri, "root": root}
 
 
@@ -145,13 +152,15 @@ def test_cached_and_full_training_agree(prepared: dict[str, Any], tmp_path: Path
         assert a["epoch"] == b["epoch"]
         # Same batches and dropout masks; only float16 storage of the features differs.
         np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=0.05, err_msg=phase)
-        np.testing.assert_allclose(a["val_accuracy"], b["val_accuracy"], atol=0.1, err_msg=phase)
+        # One val image is 1/18: two may flip where the classes are close.
+        np.testing.assert_allclose(a["val_accuracy"], b["val_accuracy"], atol=0.12, err_msg=phase)
+        assert a["val_accuracy"][-1] > 0.3, a  # both learnt: this is not chance agreeing
         assert cached["trainable_params"] == full["trainable_params"]
         # Both write the full model (base + head), loadable as any other.
         for out in (out_c, out_f):
             out.get_file("model.keras", tmp_path / phase / "model.keras")
             net = model_lib.load_model(tmp_path / phase / "model.keras")
-            assert model_lib.get_base(net).name.startswith("mobilenetv3small")
+            assert model_lib.get_base(net).name.lower() == "mobilenetv3small"
     # Phase top keeps its pooled features in its output, listed (fingerprinted) like any file.
     out_c, cached = runs["top", True]
     index = get_json(out_c, "features/index.json")
