@@ -114,3 +114,49 @@ def select_runtime(cfg: config.TrainConfig, cluster: Cluster | None = None) -> I
             workers=len(cluster.hosts) if cluster else 1,
             chief=cluster.chief if cluster else True,
         )
+
+
+def multi_worker_model(model: Any, strategy: Any) -> Any:
+    """Work around Keras 3's fit under MultiWorkerMirroredStrategy (keras-team/keras#20585):
+    its symbolic build takes a sample batch by an eager cross-worker reduce, and its metric
+    reduce asks for axis 0 of scalars; both fail. The sample batch is the local replica's
+    (the same shapes), and scalars are reduced whole. Applied only with several workers."""
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as keras_trainer
+
+    def local(x: Any) -> Any:
+        if isinstance(x, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(x)[0]
+        return x
+
+    def symbolic_build(iterator: Any = None, data_batch: Any = None) -> None:
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(local, next(it))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = symbolic_build
+    original = getattr(
+        keras_trainer.reduce_per_replica, "__wrapped__", keras_trainer.reduce_per_replica
+    )
+
+    def reduce_per_replica(values: Any, strategy_: Any, reduction: Any) -> Any:
+        if reduction in ("mean", "auto") and keras_trainer._collective_all_reduce_multi_worker(
+            strategy_
+        ):
+
+            def one(v: Any) -> Any:
+                if not keras_trainer._is_per_replica_instance(v):
+                    return v
+                rank = strategy_.experimental_local_results(v)[0].shape.rank
+                return strategy_.reduce("MEAN", v, axis=0 if rank else None)
+
+            return tree.map_structure(one, values)
+        return original(values, strategy_, reduction)
+
+    reduce_per_replica.__wrapped__ = original  # type: ignore[attr-defined]
+    keras_trainer.reduce_per_replica = reduce_per_replica
+    return model

@@ -33,7 +33,7 @@ from skinlesion.train_callbacks import EpochBackup, TrainCallbacks
 from skinlesion.train_data import TrainData, class_weights
 from skinlesion.train_inputs import Inputs, memory_budget
 from skinlesion.train_models import InitModel, phase_models
-from skinlesion.train_runtime import Runtime, dtype_policy
+from skinlesion.train_runtime import Runtime, dtype_policy, multi_worker_model
 from skinlesion.train_state import METRICS, StateBackup, TrainState
 
 Phase = Literal["top", "finetune"]
@@ -99,6 +99,8 @@ class Trainer:
             restore=None if self.resumed_from is None else self.backups.restore_model,
             state=st,
         )  # fmt: skip
+        if self.runtime.workers > 1:
+            model = multi_worker_model(model, self.runtime.strategy)
         if self.resumed_from is None:
             self.compile(model)
             if st.best_val_accuracy is not None:  # finetune: the init model is the best so far
