@@ -33,7 +33,7 @@ MEMORY_SHARE = 0.25  # of the process's memory limit, for decoded samples held i
 SHUFFLE_BYTES = 256 * 1024 * 1024  # the stream path's shuffle buffer, at most
 SHUFFLE_RECORDS = 4096
 READERS = 8  # files read at once
-LOAD_BATCH = 256
+LOAD_BATCH = 32  # small batches keep decoding and copying overlapped
 LABEL_BYTES = 2  # a raw record: uint16 label, then the sample
 InputPath = Literal["memory", "stream"]
 

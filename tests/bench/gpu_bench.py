@@ -19,7 +19,8 @@ A time budget (GPU_BENCH_BUDGET_S, default 420 s) keeps the whole run under 8 mi
 configurations it leaves out are listed as skipped. Prints JSON (also written to
 $GPU_BENCH_JSON, default build/gpu-bench.json), then the table last.
 Environment for a dry run of the code on CPU (figures meaningless): GPU_BENCH_ALLOW_CPU=1,
-GPU_BENCH_SIZE, GPU_BENCH_STEPS, GPU_BENCH_BATCHES.
+GPU_BENCH_SIZE, GPU_BENCH_STEPS, GPU_BENCH_BATCHES, GPU_BENCH_BACKBONE (e.g.
+mobilenetv3small: XLA compiling ResNet152's training step on a small CPU takes long).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ WARMUP = 3  # steps before timing (tracing, XLA compilation, autotuning)
 SIZE = int(os.environ.get("GPU_BENCH_SIZE", "224"))
 BUDGET_S = float(os.environ.get("GPU_BENCH_BUDGET_S", "420"))
 BATCHES = tuple(int(b) for b in os.environ.get("GPU_BENCH_BATCHES", "64,128,256").split(","))
+BACKBONE = os.environ.get("GPU_BENCH_BACKBONE", "resnet152")
 EPOCHS = 10  # for the effective rate of the cached path
 
 
@@ -65,8 +67,8 @@ def _models(policy: str) -> tuple[Any, Any, Any]:
 
     with dtype_policy(policy):
         keras.utils.set_random_seed(0)
-        net = model_lib.build_model("resnet152", SIZE, dense_units=1000)
-        model_lib.unfreeze_block(net, model_lib.block_prefixes("resnet152"))
+        net = model_lib.build_model(BACKBONE, SIZE, dense_units=1000)
+        model_lib.unfreeze_block(net, model_lib.block_prefixes(BACKBONE))
         cfg = config.TrainConfig(weights="s3://b/frozen.weights.h5")  # a frozen-base plan
         cache = feature_cache.plan(cfg, "finetune", net)
         assert cache.kind == "block", cache.reason
@@ -177,6 +179,7 @@ def main() -> int:
         effective = round(EPOCHS / (1 / extract_ips + EPOCHS / cached_best), 1)
     result = {
         "device": device,
+        "backbone": BACKBONE,
         "image_size": SIZE,
         "mixed_precision": mixed,
         "steps_timed": STEPS,
@@ -192,7 +195,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"\nResNet152 fine-tune, {SIZE}x{SIZE}, {device}")
+    print(f"\n{BACKBONE} fine-tune, {SIZE}x{SIZE}, {device}")
     print(f"{'mode':<16} {'precision':<15} {'xla':<4} {'batch':>5} {'images/s':>10}")
     for r in rows:
         xla, ips = "on" if r["xla"] else "off", r["images_per_s"]

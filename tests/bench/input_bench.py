@@ -14,7 +14,8 @@ epoch, the reference's way against the training stage's.
 Each side delivers EPOCHS epochs of every image; the consumer only touches each batch.
 The stage's time includes decoding the shards into memory; prepare's one-time work (it
 runs once per data set, not per epoch or per run) is reported beside it, not in the ratio.
-Environment: INPUT_BENCH_IMAGES (default 1000), INPUT_BENCH_EPOCHS (default 3).
+Environment: INPUT_BENCH_IMAGES (default 1024; a multiple of 32, so that both sides
+deliver whole batches of the same images), INPUT_BENCH_EPOCHS (default 3).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def stage(prepared: Path, count: int, epochs: int, memory: bool) -> tuple[float,
 
 
 def run() -> dict[str, Any]:
-    images = int(os.environ.get("INPUT_BENCH_IMAGES", "1000"))
+    images = int(os.environ.get("INPUT_BENCH_IMAGES", "1024"))
+    if images % BATCH:
+        raise ValueError(f"INPUT_BENCH_IMAGES must be a multiple of {BATCH}")
     epochs = int(os.environ.get("INPUT_BENCH_EPOCHS", "3"))
     logs.configure(level="WARNING")
     pool = draw_images(min(images, 200))
