@@ -101,32 +101,34 @@ def _random(op: Any) -> bool:
 
 def _upstream_ops(tensors: list[Any], stop: Any = None) -> list[Any]:
     """Every operation the tensors depend on (not past `stop`), each once."""
-    seen: dict[int, Any] = {}
+    ops: dict[int, Any] = {}
+    done: set[int] = set()  # tensors expanded (residual graphs reach one by many paths)
     todo = list(tensors)
     while todo:
         t = todo.pop()
-        if stop is not None and t is stop:
+        if id(t) in done or (stop is not None and t is stop):
             continue
+        done.add(id(t))
         op, inputs = _history(t)
-        if id(op) not in seen:
-            seen[id(op)] = op
+        ops.setdefault(id(op), op)
         todo += inputs
-    return list(seen.values())
+    return list(ops.values())
 
 
 def find_boundary(base: Any) -> tuple[Any | None, list[Any], str]:
     """The one frozen tensor of the base that its trainable layers start from, and the
     operations before it; (None, [], why not) when there is no single such tensor."""
     tainted: dict[int, bool] = {}  # tensor id -> depends on a layer with trainable weights
+    seen: set[int] = set()  # each tensor expanded once (residual graphs share inputs)
     stack: list[tuple[Any, bool]] = [(t, False) for t in base.outputs]
-    while stack:
+    while stack:  # post-order: a tensor after all of its inputs
         t, expanded = stack.pop()
-        if id(t) in tainted:
-            continue
         op, inputs = _history(t)
         if not expanded:
-            stack.append((t, True))
-            stack += [(i, False) for i in inputs if id(i) not in tainted]
+            if id(t) not in seen:
+                seen.add(id(t))
+                stack.append((t, True))
+                stack += [(i, False) for i in inputs if id(i) not in seen]
             continue
         trains = bool(getattr(op, "trainable_weights", None))
         tainted[id(t)] = trains or any(tainted[id(i)] for i in inputs)

@@ -41,6 +41,8 @@ FROZEN = "file:///nowhere/base.weights.h5"  # any weights URI: the base is froze
         ("mobilenetv3small", "none", "top", "off", ""),  # the base trains in phase top
         ("mobilenetv3small", "none", "finetune", "block", "expanded_conv_9_add"),
         ("resnet50", FROZEN, "finetune", "block", "conv4_block6_out"),
+        # 50 residual blocks: the graph walk must visit each tensor once, not each path.
+        ("resnet152", FROZEN, "finetune", "block", "conv4_block36_out"),
         ("efficientnetb0", FROZEN, "finetune", "block", "block6d_add"),
         # From scratch the base runs in training mode: its drop-connect layers before
         # block7a are live, so their output is not fixed per image.

@@ -1,5 +1,7 @@
 """A phase resumed after epoch 1 ends exactly as an uninterrupted run: same per-epoch
-metrics, same weights after every epoch (per-epoch seeds, deterministic CPU ops)."""
+metrics, same weights after every epoch (per-epoch seeds, deterministic CPU ops), on the
+full path (the base trains: `weights: none`) and on cached features (a frozen base from a
+weights file: the head trains on pooled features, extracted again by the resumed run)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from skinlesion import trainer as trainer_lib
 from skinlesion.errors import Terminated
 from skinlesion.manifest import STATE_PREFIX
 from skinlesion.storage import Store, get_json, open_store
-from tests.test_train import tiny_cfg, write_prepared
+from tests.test_train import SIZE, tiny_cfg, write_prepared
 
 METRIC_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -51,8 +53,22 @@ def test_epoch_seeds_depend_on_seed_phase_and_epoch_only() -> None:
     assert train_seeds.epoch_seed(3, "top", 2) == train_seeds.epoch_seed(3, "top", 2)
 
 
+@pytest.fixture(scope="module")
+def frozen_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from skinlesion import model as model_lib
+
+    store = open_store(str(tmp_path_factory.mktemp("det-weights")))
+    uri = f"{store.uri}/base.weights.h5"
+    model_lib.save_base_weights(model_lib.build_base("mobilenetv3small", SIZE), uri)
+    return uri
+
+
 def _train(
-    data: Store, out: Store, monkeypatch: pytest.MonkeyPatch, stop_after: int | None
+    data: Store,
+    out: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    stop_after: int | None,
+    weights: str = "none",
 ) -> list[list[np.ndarray]]:
     """Runs phase top into `out`; returns the weights after each epoch run. With
     `stop_after`, the run is preempted after that epoch (raises Terminated)."""
@@ -66,7 +82,7 @@ def _train(
             raise Terminated()
 
     monkeypatch.setattr(trainer_lib.Trainer, "epoch_done", recording)
-    cfg = tiny_cfg(top_epochs=3, dense_units=16, steps_per_epoch=3)
+    cfg = tiny_cfg(top_epochs=3, dense_units=16, steps_per_epoch=3, weights=weights)
     try:
         train_lib.run_train(cfg, "top", data, data, out)
     finally:
@@ -75,18 +91,29 @@ def _train(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", ["full", "cached"])
 def test_resumed_phase_matches_an_uninterrupted_one(
-    data: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic_ops: None
+    data: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    deterministic_ops: None,
+    path: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    weights = "none" if path == "full" else request.getfixturevalue("frozen_weights")
     whole_out = open_store(str(tmp_path / "whole"))
-    whole = _train(data, whole_out, monkeypatch, None)
+    whole = _train(data, whole_out, monkeypatch, None, weights)
 
     parts_out = open_store(str(tmp_path / "parts"))
     with pytest.raises(Terminated):
-        _train(data, parts_out, monkeypatch, stop_after=1)
-    assert get_json(parts_out, f"{STATE_PREFIX}/state.json")["epochs_done"] == 1
-    parts = _train(data, parts_out, monkeypatch, None)
-    assert get_json(parts_out, "manifest.json")["resumed_from_epoch"] == 1
+        _train(data, parts_out, monkeypatch, stop_after=1, weights=weights)
+    state = get_json(parts_out, f"{STATE_PREFIX}/state.json")
+    assert state["epochs_done"] == 1
+    assert state["cache"] == ("off" if path == "full" else "pooled")
+    parts = _train(data, parts_out, monkeypatch, None, weights)
+    manifest = get_json(parts_out, "manifest.json")
+    assert manifest["resumed_from_epoch"] == 1
+    assert manifest["data_path"]["features"] == state["cache"]
 
     assert len(whole) == 3 and len(parts) == 2
     a, b = get_json(whole_out, "history.json"), get_json(parts_out, "history.json")
