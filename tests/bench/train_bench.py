@@ -15,7 +15,7 @@ A speedup is the phase's compute, extraction included: the sum of its epochs' se
 (training steps and validation, as the stage's history records them) plus, when cached,
 the extraction's seconds (the manifest's `data_path.extract_seconds`). The whole stage's
 wall time (model build, per-epoch state backups, final model, upload) is reported beside
-it. Environment: TRAIN_BENCH_IMAGES (default 600), TRAIN_BENCH_SIZE (default 96),
+it. Environment: TRAIN_BENCH_IMAGES (default 400), TRAIN_BENCH_SIZE (default 96),
 TRAIN_BENCH_EPOCHS (default 10).
 """
 
@@ -76,7 +76,7 @@ def _speedup(full: dict[str, Any], cached: dict[str, Any]) -> float:
 
 
 def run() -> dict[str, Any]:
-    images = int(os.environ.get("TRAIN_BENCH_IMAGES", "600"))
+    images = int(os.environ.get("TRAIN_BENCH_IMAGES", "400"))
     size = int(os.environ.get("TRAIN_BENCH_SIZE", "96"))
     epochs = int(os.environ.get("TRAIN_BENCH_EPOCHS", "10"))
     logs.configure(level="WARNING")
