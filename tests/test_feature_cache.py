@@ -5,6 +5,7 @@ images ends (same data, same seed: validation metrics within noise)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from skinlesion import model as model_lib
 from skinlesion import train as train_lib
 from skinlesion.storage import Store, get_json, open_store
 from skinlesion.train_inputs import LABEL_BYTES, Records
+from tests.runs import skinlesion_run
 from tests.test_train import SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS, tiny_cfg, write_prepared
 
 
@@ -189,3 +191,31 @@ def test_cached_and_full_training_agree(prepared: dict[str, Any], tmp_path: Path
     np.testing.assert_array_equal(rows["label"], np.asarray(labels))
     want = np.asarray(pooled(images, training=False))
     np.testing.assert_allclose(rows["x"].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_a_rerun_with_the_cache_off_works_end_to_end(tmp_path: Path) -> None:
+    """`skinlesion run` (tiny preset: phase top trains the whole base, fine-tune caches the
+    block before the trainable one), then the same run with `train.cache_features=false`:
+    the training stages rerun on the full path, the run completes."""
+    store = (tmp_path / "store").as_uri()
+    first = skinlesion_run(store, run_id="cache")
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = open_store(store).child("runs", "cache")
+    assert get_json(runs.child("finetune"), "manifest.json")["data_path"]["features"] == "block"
+    top = get_json(runs.child("train"), "manifest.json")["data_path"]
+    assert top["features"] == "off" and "trains in phase top" in top["reason"]
+
+    off = ("--set", "train.cache_features=false")
+    again = skinlesion_run(store, *off, run_id="cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    events = [json.loads(line) for line in again.stderr.splitlines() if line.startswith("{")]
+    steps = {e.get("event"): set() for e in events}
+    for e in events:
+        steps[e["event"]].add(e.get("step"))
+    assert {"prepare", "augment"} <= steps["stage_skipped"]
+    assert {"train", "finetune"} <= steps["stage_start"]
+    finetune = get_json(runs.child("finetune"), "manifest.json")
+    assert finetune["data_path"]["features"] == "off"
+    assert finetune["data_path"]["reason"] == "train.cache_features is false"
+    assert get_json(runs.child("evaluate"), "metrics.json")["n_images"] > 0

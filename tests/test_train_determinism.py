@@ -68,7 +68,7 @@ def _train(
     out: Store,
     monkeypatch: pytest.MonkeyPatch,
     stop_after: int | None,
-    weights: str = "none",
+    base_weights: str = "none",
 ) -> list[list[np.ndarray]]:
     """Runs phase top into `out`; returns the weights after each epoch run. With
     `stop_after`, the run is preempted after that epoch (raises Terminated)."""
@@ -82,7 +82,7 @@ def _train(
             raise Terminated()
 
     monkeypatch.setattr(trainer_lib.Trainer, "epoch_done", recording)
-    cfg = tiny_cfg(top_epochs=3, dense_units=16, steps_per_epoch=3, weights=weights)
+    cfg = tiny_cfg(top_epochs=3, dense_units=16, steps_per_epoch=3, weights=base_weights)
     try:
         train_lib.run_train(cfg, "top", data, data, out)
     finally:
@@ -106,7 +106,7 @@ def test_resumed_phase_matches_an_uninterrupted_one(
 
     parts_out = open_store(str(tmp_path / "parts"))
     with pytest.raises(Terminated):
-        _train(data, parts_out, monkeypatch, stop_after=1, weights=weights)
+        _train(data, parts_out, monkeypatch, stop_after=1, base_weights=weights)
     state = get_json(parts_out, f"{STATE_PREFIX}/state.json")
     assert state["epochs_done"] == 1
     assert state["cache"] == ("off" if path == "full" else "pooled")
