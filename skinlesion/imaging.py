@@ -64,7 +64,7 @@ def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash")
         if img.mode != "RGB":
             img = img.convert("RGB")
         box = centre_square(*img.size) if resize == "crop" else None
-        return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return img.resize((size, size), Image.Resampling.BOX, box=box)
     except _DECODE_ERRORS as exc:
         raise DataError(f"{name}: cannot decode image: {userinput.describe(exc)}") from None
 

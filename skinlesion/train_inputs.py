@@ -105,11 +105,10 @@ class Records:
         return self._files(None).map(self.decode, num_parallel_calls=tf.data.AUTOTUNE)
 
     def shuffled(self, seed: int) -> Any:
-        """Every sample again and again, shuffled by `seed` through a bounded buffer."""
-        tf = _tf()
+        """Every record (not decoded) again and again, shuffled by `seed` through a bounded
+        buffer."""
         buffer = max(1, min(SHUFFLE_RECORDS, SHUFFLE_BYTES // max(1, self.sample_bytes)))
-        ds = self._files(seed).shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        return ds.map(self.decode, num_parallel_calls=tf.data.AUTOTUNE)
+        return self._files(seed).shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
 
     def load(self) -> tuple[Any, Any]:
         """All samples and labels as tensors, in `ordered()`'s order (decoded in parallel,
@@ -161,7 +160,7 @@ class Inputs:
 
     def _finish(self, ds: Any) -> Any:
         tf = _tf()
-        ds = ds.map(self._one_hot).prefetch(tf.data.AUTOTUNE)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
         if self.workers > 1:
             options = tf.data.Options()
             options.experimental_distribute.auto_shard_policy = (
@@ -180,27 +179,37 @@ class Inputs:
         samples, labels = held
 
         def gather(index: Any) -> Any:
-            return tf.gather(samples, index), tf.gather(labels, index)
+            return self._one_hot(tf.gather(samples, index), tf.gather(labels, index))
 
         return gather
 
     def train(self, batch_size: int, steps: int, seeds: list[int]) -> Any:
-        """`steps` batches per epoch, one epoch per seed, each in its own seeded order."""
+        """`steps` batches per epoch, one epoch per seed, each in its own seeded order. The
+        epochs' orders are chained first, then gathered or decoded by one map (traced once)."""
         tf = _tf()
-
-        def epoch(seed: int) -> Any:
-            if self._train is not None:
-                n = self.train_records.count
-                order = tf.data.Dataset.range(n).shuffle(
-                    n, seed=seed, reshuffle_each_iteration=True
-                )
-                ds = order.repeat().batch(batch_size).map(self._gather(self._train))
-            else:
-                ds = self.train_records.shuffled(seed).batch(batch_size)
-            return ds.take(steps)
-
-        epochs = functools.reduce(lambda a, b: a.concatenate(b), [epoch(s) for s in seeds])
-        return self._finish(epochs)
+        per_epoch = steps * batch_size  # whole batches: an epoch may wrap around the data
+        if self._train is not None:
+            n = self.train_records.count
+            orders = [
+                tf.data.Dataset.range(n)
+                .shuffle(n, seed=s, reshuffle_each_iteration=True)
+                .repeat()
+                .take(per_epoch)
+                for s in seeds
+            ]
+            indices = functools.reduce(lambda a, b: a.concatenate(b), orders)
+            ds = indices.batch(batch_size).map(
+                self._gather(self._train), num_parallel_calls=tf.data.AUTOTUNE
+            )
+        else:
+            records = [self.train_records.shuffled(s).take(per_epoch) for s in seeds]
+            ds = (
+                functools.reduce(lambda a, b: a.concatenate(b), records)
+                .map(self.train_records.decode, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(batch_size)
+                .map(self._one_hot)
+            )
+        return self._finish(ds)
 
     def val(self, batch_size: int) -> Any:
         tf = _tf()
@@ -208,7 +217,7 @@ class Inputs:
         if self._val is not None:
             ds = tf.data.Dataset.range(n).batch(batch_size).map(self._gather(self._val))
         else:
-            ds = self.val_records.ordered().batch(batch_size)
+            ds = self.val_records.ordered().batch(batch_size).map(self._one_hot)
         # A known length spares Keras' "ran out of data" warning and checks the listing.
         ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
         return self._finish(ds)
