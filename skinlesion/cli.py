@@ -21,7 +21,7 @@ from typing import Any
 from skinlesion import config, fields, logs, scratch
 from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
 from skinlesion.cli_controller import add_controller_arguments
-from skinlesion.cli_models import add_models_tools
+from skinlesion.cli_models import add_models_tools, add_serve_tool
 from skinlesion.cli_tools import add_store_tools
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_tools(sub)
     add_models_tools(sub)
+    add_serve_tool(sub)
 
     for name, help_, handler in (
         ("run", "run every stage on this machine", _run),

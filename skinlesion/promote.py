@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import bootstrap, config, fair, logs, registry
+from skinlesion import bootstrap, config, fair, logs, registry, serving
 from skinlesion.classes import MELANOMA
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import (
@@ -267,8 +267,15 @@ def run_promote(
                     CHAMPION_STAGE, target.uri, {"model": model.uri, "candidate": candidate.uri}
                 )
                 check_owned(CHAMPION_STAGE, target)
-                with scratch_dir("skinlesion-promote-") as files:
+                with (
+                    scratch_dir("skinlesion-promote-") as files,
+                    scratch_dir("skinlesion-serving-") as saved,
+                ):
                     _download(model, candidate, files)
+                    export = None
+                    if cfg.serving_export:  # built before a version number is claimed
+                        built = serving.build(files / MODEL_FILE, evaluated.preprocessing, saved)
+                        export = (saved, {**built, "model_sha256": model_sha, "run_id": run_id})
                     registered = registry.register(
                         registry.models_of_champion(target),
                         files,
@@ -299,6 +306,7 @@ def run_promote(
                         registry.lineage(candidate, [evaluation, model_manifest]),
                         found[0] if found is not None else None,
                         redecide,
+                        export,
                     )
                 version = registered.version
                 if not registered.champion:
