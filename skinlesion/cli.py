@@ -78,8 +78,10 @@ def _prepare(args: argparse.Namespace) -> int:
     if not args.out:
         raise InputError("--out is required unless --dry-run")
     raw, out = store_flag("--raw", args.raw), store_flag("--out", args.out)
+    champion = store_flag("--champion", args.champion) if args.champion else None
     logs.import_tensorflow()
-    pushgateway.note_manifest(prepare.run_prepare(cfg, raw, out, force=args.force))
+    manifest = prepare.run_prepare(cfg, raw, out, force=args.force, champion=champion)
+    pushgateway.note_manifest(manifest)
     return 0
 
 
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "prepare", "validate, split, resize and shard HAM10000", config.PrepareConfig
     )
     p.add_argument("--out", help="store URI of the stage output")
+    p.add_argument(
+        "--champion", help="champion URI (…/models/latest): the data report compares with its data"
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import bootstrap, config, fair, logs, registry, serving
+from skinlesion import bootstrap, config, data_report, fair, logs, registry, serving
 from skinlesion.classes import MELANOMA
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import (
@@ -43,7 +43,6 @@ from skinlesion.manifest import (
     commit_stage,
     input_fingerprints,
     publish,
-    read_manifest,
     read_result,
 )
 from skinlesion.metrics import compute_metrics, headline
@@ -52,7 +51,6 @@ from skinlesion.results import (
     EvaluateResult,
     PromoteResult,
     TrainResult,
-    parse_result,
 )
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store
@@ -148,15 +146,7 @@ def publish_champion(
 
 
 def _champion(target: Store) -> tuple[int | None, ChampionResult, Store] | None:
-    """(version, manifest, prefix) of the champion, read through the registry next to
-    `target`; a champion written before the registry existed is read from `target`."""
-    found = registry.champion(registry.models_of_champion(target))
-    if found is not None:
-        return found
-    manifest = read_manifest(target)
-    if manifest is None:
-        return None
-    return None, parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}"), target
+    return registry.champion_of(target)  # a module-level name: tests replace it (stale reads)
 
 
 _OPTIONAL = (REPORT_FILE, PREDICTIONS_FILE)  # a champion's files an evaluation may lack
@@ -226,6 +216,7 @@ def run_promote(
         cand = _scores(metrics, cfg.metric)
         found = _champion(target)
         champ: dict[str, Any] | None = None
+        held = ""
         same_val: bool | None = None
         version: int | None = None
         paired: dict[str, Any] | None = None
@@ -262,6 +253,10 @@ def run_promote(
             version = found[0]
         else:
             promoted, reason = judge(champ, paired)
+            if promoted and cfg.require_no_drift and found is not None:
+                held = data_report.held_for_review(candidate.uri, evaluation)
+                if held:  # a reviewer releases it: rerun with promote.require_no_drift=false
+                    promoted, reason = False, f"held for review: {held}; otherwise: {reason}"
             if promoted:
                 check_disjoint(
                     CHAMPION_STAGE, target.uri, {"model": model.uri, "candidate": candidate.uri}
@@ -323,6 +318,7 @@ def run_promote(
             "champion": champ,
             "same_val_data": same_val,
             "comparison": paired,  # both on the candidate's images, or None
+            "held_for_review": bool(held),
             "version": version,
             "run_id": run_id,
             "target": target.uri,

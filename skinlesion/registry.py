@@ -104,6 +104,19 @@ def champion(models: Store) -> tuple[int, ChampionResult, Store] | None:
     return n, parse_result(ChampionResult, manifest, f"{store.uri}/{MANIFEST}"), store
 
 
+def champion_of(target: Store) -> tuple[int | None, ChampionResult, Store] | None:
+    """(version, manifest, prefix) of the champion, read through the registry next to the
+    champion prefix `target`; a champion written before the registry existed is read from
+    `target` (version None)."""
+    found = champion(models_of_champion(target))
+    if found is not None:
+        return found
+    manifest = read_manifest(target)
+    if manifest is None:
+        return None
+    return None, parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}"), target
+
+
 def lineage(candidate: Store, manifests: list[dict[str, Any]]) -> dict[str, str]:
     """stage -> fingerprint: the upstream outputs the `manifests` were built from (while
     they still hold what was read), then the other committed stages of the candidate's
