@@ -64,6 +64,7 @@ def _show(row: dict[str, Any]) -> str:
     lines = [_line(row), f"  data      {row['data_fingerprint'][:12]}"]
     lines += [f"  {stage:<9} {fp[:12]}" for stage, fp in sorted(row["stages"].items())]
     lines += [f"  image     {row['image_tag'] or '-'}  size {row['image_size']}"]
+    lines += [f"  serving   {row.get('serving') or '-'}"]
     lines += [
         f"  {h['at']} {h['action']} -> {h['champion']} (from {h['from']})" for h in row["history"]
     ]

@@ -8,8 +8,11 @@ interval of candidate minus champion in `metric` (balanced accuracy by default) 
 exceed `min_improvement`, and the candidate's melanoma recall must not drop by more than
 `melanoma_recall_margin`. Where no paired comparison is possible (an old champion without
 predictions whose candidate data is gone), the point gain is compared and the decision
-says so. With no champion the candidate is promoted. The decision and both scores are
-recorded either way, in `runs/<id>/promote/decision.json` and in that prefix's manifest.
+says so. With no champion the candidate is promoted. With `require_no_drift` a promotion
+is held for review when prepare's data report flags drift (data_report.py). The decision
+and both scores are recorded either way, in `runs/<id>/promote/decision.json` and in that
+prefix's manifest. A registered version also gets its SavedModel (serving.py) unless
+`serving_export` is off.
 
 The champion prefix follows the commit protocol too: the old `manifest.json`
 is removed first, the files are copied, the new manifest is written last, so

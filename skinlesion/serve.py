@@ -126,7 +126,8 @@ def open_model(uri: str, version: int | None = None, name: str = DEFAULT_NAME) -
         if not prefix.exists(MANIFEST) or not prefix.exists(SAVED_MODEL_FILE):
             raise InputError(
                 f"--model {uri}: version {number} has no committed serving export "
-                f"({prefix.uri}; registered with promote.serving_export=false?)"
+                f"({prefix.uri}): registered with promote.serving_export=false or before "
+                "serving exports existed"
             )
     with scratch_dir("skinlesion-serve-") as work:  # variables are read into memory
         download_prefix(prefix, "", work)
