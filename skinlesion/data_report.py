@@ -45,7 +45,8 @@ MIN_IMAGES = 10
 EXAMPLES = 20  # image ids / duplicate groups listed per finding
 INDEX_COLUMNS = ("image_id", "lesion_id", "dx", "side", "sha256", "width", "height", "brightness")
 RULE = (
-    f"a class drifts when its share of the images moves by more than {SHARE_MIN_CHANGE:.0%} "
+    f"a class drifts when its share of the images moves by more than "
+    f"{SHARE_MIN_CHANGE * 100:g} percentage points "
     f"and more than {SHARE_Z:g} standard errors (two-proportion z), when its mean brightness "
     f"moves by more than {BRIGHTNESS_D:g} pooled standard deviations (at least {MIN_IMAGES} "
     "images a side), or when it has images on one side only"

@@ -105,10 +105,10 @@ def _tiff_orientation(b: Any, tiff: Any) -> tuple[Any, Any]:
     return found, tf.where(found, value[first], tf.zeros_like(value[first]))
 
 
-def orientation(data: Any, is_png: Any) -> Any:
-    """The EXIF orientation (1-8) Pillow would apply; 1 (none) when absent or invalid."""
+def orientation(b: Any, is_png: Any) -> Any:
+    """The EXIF orientation (1-8) Pillow would apply, from a file's `_head`; 1 (none) when
+    absent or invalid."""
     tf = _tf()
-    b = _head(data)
     app1 = _find(b, {0: 0xFF, 1: 0xE1, **_pattern(b"Exif\0\0", 4)})
     exif = _find(b, _pattern(b"eXIf"))
     none = -tf.ones_like(exif)
@@ -218,7 +218,7 @@ def decode(data: Any, size: int) -> Any:
         )
 
     img = tf.cond(ok, pixels_of, lambda: _refuse(message))
-    return _transpose(img, orientation(data, is_png))
+    return _transpose(img, orientation(b, is_png))
 
 
 # --- resize ---------------------------------------------------------------------------------
