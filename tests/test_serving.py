@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -182,16 +183,20 @@ def test_serve_answers_predict_requests_like_predict(store: Store, tmp_path: Pat
     target = promoted(store)
     images = image_files(tmp_path)
     expected = probabilities(predict(target.uri, images))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "skinlesion", "serve", "--model", store.uri, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=run_env(),
-    )
+    log = tmp_path / "serve.log"  # a file: a full pipe would block the server
+    with log.open("w") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "skinlesion", "serve", "--model", store.uri, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=run_env(),
+        )
     try:
-        line = server.stdout.readline() if server.stdout else ""  # "serving … at http://…"
-        assert " at http://127.0.0.1:" in line, server.stderr.read() if server.stderr else ""
+        assert server.stdout is not None
+        ready, _, _ = select.select([server.stdout], [], [], SERVE_START_S)  # a hang guard
+        line = server.stdout.readline() if ready else ""  # "serving … at http://…"
+        assert " at http://127.0.0.1:" in line, log.read_text()[-3000:]
         base = line.split(" at ", 1)[1].strip()
         code, status = _call(base)
         assert code == 200 and status["ready"] is True
