@@ -154,7 +154,7 @@ class PromoteConfig:
     require_no_drift: bool = setting(
         False,
         "hold the promotion for review when prepare's data report flags drift in any class "
-        "against the champion's training data (or has no report)",
+        "against the champion's training data, or could not check it",
     )
     serving_export: bool = setting(
         True,

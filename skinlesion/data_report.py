@@ -15,8 +15,8 @@ Drift rule (per class, against the champion's prepared data):
   - or the class has images on one side only.
 Without the champion's data (no champion yet, its data gone, prepared before image indexes)
 the parts that need it are null and nothing is flagged; the report says why.
-`promote.require_no_drift` holds a promotion for review when a class is flagged (or the
-report is missing): see `held_for_review`.
+`promote.require_no_drift` holds a promotion for review when a class is flagged, or drift
+could not be checked (no report, the champion's data gone): see `held_for_review`.
 """
 
 from __future__ import annotations
@@ -335,6 +335,8 @@ def held_for_review(evaluation_uri: str, evaluation: dict[str, Any]) -> str:
     report = read_report(up[0]) if up is not None else None
     if report is None:
         return "no data report for the candidate's data (prepared before data reports)"
+    if not report["drift"]["checked"]:
+        return f"drift not checked: {report['drift']['why_not']}"
     flagged = report["drift"]["flagged"]
     if not flagged:
         return ""

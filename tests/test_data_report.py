@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from PIL import Image
 from skinlesion import config, data_report, prepare, report, report_data
 from skinlesion.classes import CLASSES
 from skinlesion.layout import DATA_REPORT_FILE, IMAGE_INDEX_FILE
-from skinlesion.manifest import read_manifest
+from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
 from skinlesion.promote import run_promote
 from skinlesion.storage import FileStore, Store, get_json
 from skinlesion.synthetic import write_sample_data
@@ -217,3 +218,27 @@ def test_a_missing_report_holds_too(tmp_path: Path) -> None:
     decision = run_promote(strict, evaluation, model, target, "r2")["decision"]
     assert decision["promoted"] is False
     assert "no data report for the candidate's data" in decision["reason"]
+
+
+def test_what_holds_a_promotion(tmp_path: Path) -> None:
+    run = FileStore(tmp_path / "store").child("runs", "r2")
+    prepared = run.child("prepare")
+
+    def held(got: dict[str, Any] | None) -> str:
+        def body(work: Path) -> dict[str, Any]:
+            if got is not None:
+                (work / DATA_REPORT_FILE).write_text(json.dumps(got))
+            return {}
+
+        commit_stage("prepare", prepared, {}, {}, body, force=True)
+        val = input_fingerprints({"val_data": prepared.uri})["val_data"]
+        evaluation = {"inputs": {"val_data": val}, "sources": {"val_data": prepared.uri}}
+        return data_report.held_for_review(run.child("evaluate").uri, evaluation)
+
+    assert held(data_report.build(rows(BASE, seed=1), champion_of(rows(BASE, seed=2)))) == ""
+    drift = held(data_report.build(rows(dict(BASE, mel=220)), champion_of(rows(BASE))))
+    assert drift.startswith("data drift against champion version 3's data (mel: share 0.114")
+    assert held(data_report.build(rows(BASE), None, "no champion yet")) == (
+        "drift not checked: no champion yet"
+    )
+    assert "no data report" in held(None)
