@@ -5,7 +5,8 @@ of the file's bytes, stored width and height, mean brightness of the resized ima
 `data_report.json`: class counts and lesions per class, image size and brightness
 statistics, exact duplicates (same bytes) across lesions, and, against the data of the
 champion at the time (its prepare output, found through its evaluation's lineage): the
-same per-class figures, new / removed / changed images and a drift flag per class.
+same per-class figures, new / removed / changed images, how many of this run's validation
+lesions the champion trained on, and a drift flag per class.
 
 Drift rule (per class, against the champion's prepared data):
   - share: the class's share of the images moved by more than SHARE_MIN_CHANGE (2 points)
@@ -233,6 +234,20 @@ def _changes(rows: list[Row], before: list[Row]) -> dict[str, Any]:
     }
 
 
+def _seen(rows: list[Row], before: list[Row]) -> dict[str, int]:
+    """This run's validation lesions and images the champion trained on: its figures on
+    them are inflated, and a comparison on this validation data favours it."""
+    trained = {r["lesion_id"] for r in before if r["side"] == "train"}
+    val = [r for r in rows if r["side"] == "val"]
+    lesions = {r["lesion_id"] for r in val}
+    return {
+        "lesions": len(lesions & trained),
+        "of_lesions": len(lesions),
+        "images": sum(r["lesion_id"] in trained for r in val),
+        "of_images": len(val),
+    }
+
+
 def _drift(
     now: dict[str, dict[str, Any]], then: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
@@ -286,6 +301,7 @@ def build(rows: list[Row], champion: dict[str, Any] | None, why_not: str = "") -
         "duplicates": _duplicates(rows),
         "champion": None,
         "changes": None,
+        "champion_trained_on_val": None,
         "drift": {"rule": RULE, "checked": False, "why_not": why_not, "flagged": [], "classes": {}},
     }
     if champion is None:
@@ -302,6 +318,7 @@ def build(rows: list[Row], champion: dict[str, Any] | None, why_not: str = "") -
     }
     if index is not None:
         report["changes"] = _changes(rows, index)
+        report["champion_trained_on_val"] = _seen(rows, index)
     if not rows or not report["champion"]["images"]:
         report["drift"]["why_not"] = "no images to compare"
         return report

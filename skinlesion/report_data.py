@@ -119,6 +119,15 @@ def section(report: Mapping[str, Any] | None) -> str:
         )
     else:
         against = f"<p class=note>Not compared with a champion: {esc(drift['why_not'])}.</p>"
+    seen = report.get("champion_trained_on_val")
+    if seen and seen["images"]:
+        against += (
+            f"<p class=warn>{fmt(seen['images'])} of {fmt(seen['of_images'])} validation images "
+            f"({fmt(seen['lesions'])} of {fmt(seen['of_lesions'])} lesions) belong to lesions the "
+            "champion trained on: its figures on this validation data are inflated and a "
+            "comparison on it favours the champion. Keep the split and its seed across runs "
+            "(lesion-hash keeps each lesion's side as data grows).</p>"
+        )
     flagged = drift["flagged"]
     verdict = (
         f"<p class=warn>Drift flagged in {esc(', '.join(flagged))}.</p>"

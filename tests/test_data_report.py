@@ -82,6 +82,23 @@ def test_counts_duplicates_and_changes() -> None:
     assert got["champion"]["version"] == 3 and got["champion"]["lesions"] is not None
 
 
+def test_validation_lesions_the_champion_trained_on() -> None:
+    now = rows(BASE)
+    trained = [{**r, "side": "train"} for r in now]
+    seen = data_report.build(now, champion_of(trained))["champion_trained_on_val"]
+    val = [r for r in now if r["side"] == "val"]
+    assert seen == {
+        "lesions": len({r["lesion_id"] for r in val}),
+        "of_lesions": len({r["lesion_id"] for r in val}),
+        "images": len(val),
+        "of_images": len(val),
+    }
+    elsewhere = [{**r, "lesion_id": "other-" + r["lesion_id"]} for r in trained]
+    assert data_report.build(now, champion_of(elsewhere))["champion_trained_on_val"]["images"] == 0
+    html = report_data.section(data_report.build(now, champion_of(trained)))
+    assert f"{len(val)} of {len(val)} validation images" in html
+
+
 def test_the_drift_rule() -> None:
     same = data_report.build(rows(BASE, seed=1), champion_of(rows(BASE, seed=2)))
     assert same["drift"]["checked"] and same["drift"]["flagged"] == []  # noise only
