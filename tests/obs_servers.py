@@ -1,5 +1,7 @@
 """Real servers for the observability tests: a Pushgateway process, an `mlflow server`
-process and stdlib HTTP receivers."""
+process and stdlib HTTP receivers. The session fixtures (`pushgateway_url`, `mlflow_uri`)
+are imported by tests/conftest.py; each server starts once, lazily, for the sessions
+that use it."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 PUSHGATEWAY_BIN = "prometheus-pushgateway"
 INSTALL_HINT = (
@@ -143,3 +147,16 @@ def receiver(statuses: list[int] | None = None) -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def pushgateway_url() -> Iterator[str]:
+    with pushgateway() as base:  # fails (not skips) naming what to install
+        yield base
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tracking URI of one real `mlflow server` for the session."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
