@@ -119,7 +119,7 @@ def test_one_mlflow_run_per_pipeline_run_with_the_resolved_config(e2e: dict[str,
             flat[section] = str(values)
     assert run.data.params == flat
     layout = RunLayout(e2e["store"], RUN_ID)
-    assert run.data.tags["skinlesion.evaluate.uri"] == layout.stage_uri("evaluate")
+    assert run.data.tags["skinlesion.evaluate.uri"] == open_store(layout.stage_uri("evaluate")).uri
     assert not [e for e in json_lines(e2e["stderr"]) if e["event"].startswith("mlflow_")]
 
 
@@ -328,3 +328,20 @@ def _quiet_logs() -> Iterator[None]:
     logs.configure(run_id="-", stage="-")
     yield
     logs.configure(run_id="-", stage="-")
+
+
+def test_rollback_moves_the_mlflow_champion_alias(
+    tracking: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = unique("model")
+    monkeypatch.setenv(mlflow_log.MODEL_ENV, name)
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"weights")
+    first = mlflow_log.register_champion("rroll", model, 1)
+    second = mlflow_log.register_champion("rroll", model, 2)
+    assert first and second and first != second
+    assert tracking.get_model_version_by_alias(name, mlflow_log.CHAMPION).version == second
+    assert mlflow_log.move_champion(1) == first
+    assert tracking.get_model_version_by_alias(name, mlflow_log.CHAMPION).version == first
+    assert mlflow_log.move_champion(7) is None  # never registered in MLflow: named, kept
+    assert tracking.get_model_version_by_alias(name, mlflow_log.CHAMPION).version == first

@@ -1,5 +1,6 @@
 """The one progress helper (skinlesion/logs.py): a tqdm bar on a terminal, structured lines at
-most every 30 s in a pod, with an injected clock (no test sleeps)."""
+most every 30 s in a pod, with an injected clock (no test sleeps); the training callbacks
+that use it and read the learning rate (skinlesion/train_callbacks.py)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,15 @@ def test_each_epoch_reports_its_steps(capsys) -> None:
         ("train epoch 2/2", 3, 3),
     ]
     assert all(line["unit"] == "step" for line in lines)
+
+
+def test_learning_rate_of_a_schedule_also_under_loss_scaling() -> None:
+    import keras
+
+    from skinlesion.train_callbacks import learning_rate_at
+
+    schedule = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=100, alpha=0.1)
+    scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(schedule))
+    assert learning_rate_at(scaled, 0) == pytest.approx(0.1)
+    assert learning_rate_at(scaled, 100) == pytest.approx(0.01)
+    assert learning_rate_at(keras.optimizers.RMSprop(0.002), 50) == pytest.approx(0.002)

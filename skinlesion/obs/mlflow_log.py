@@ -277,3 +277,24 @@ def register_champion(run_id: str, model_file: Path, version: int | None) -> str
         return str(mv.version)
 
     return guarded("register_champion", go)
+
+
+def move_champion(version: int) -> str | None:
+    """Point the alias `champion` at the MLflow model version of store registry version
+    `version` (`models rollback`); None, logged, when MLflow has no such version."""
+
+    def go() -> str | None:
+        client = _client()
+        name = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+        found = [
+            mv
+            for mv in client.search_model_versions(f"name = '{name}'")
+            if mv.tags.get(VERSION_TAG) == str(version)
+        ]
+        if not found:
+            logs.get().warning("mlflow_version_unknown", model=name, version=version)
+            return None
+        client.set_registered_model_alias(name, CHAMPION, found[0].version)
+        return str(found[0].version)
+
+    return guarded("move_champion", go)
