@@ -32,12 +32,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY constraints.txt pyproject.toml ./
-# The dependency list of pyproject.toml without the package (so that the install layers
-# are reused until the dependencies change) and without tensorflow (each target adds its
-# own wheel of the pinned version). `python3`: the Debian base has no `python`.
+# The dependency list of pyproject.toml and of its optional extras but dev (mlflow: the
+# client, off unless MLFLOW_TRACKING_URI is set) without the package (so that the install
+# layers are reused until the dependencies change) and without tensorflow (each target adds
+# its own wheel of the pinned version). `python3`: the Debian base has no `python`.
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -c "import re, tomllib; \
-deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = p['dependencies'] + [r for k, v in p['optional-dependencies'].items() if k != 'dev' for r in v]; \
 pins = dict(l.split('==') for l in open('constraints.txt').read().split() if '==' in l); \
 print('\n'.join(d for d in deps if re.match(r'[\w.-]+', d)[0] != 'tensorflow')); \
 open('tf-version', 'w').write(pins['tensorflow'])" > requirements.txt

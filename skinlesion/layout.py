@@ -5,6 +5,7 @@
     <store>/runs/<run-id>/cancelled.json     the cancel mark (`skinlesion cancel`)
     <store>/runs/<run-id>/<stage>/           a stage's outputs (owner.json first,
                                              manifest.json last; state/ while it trains)
+    <store>/runs/<run-id>/<stage>/tensorboard/  TensorBoard event files (train, finetune)
     <store>/runs/<run-id>/logs/<stage>-attempt-<n>.log
     <store>/models/latest/                   the champion (model.keras, metrics.json, ...):
                                              a copy of the version the `champion` alias names
@@ -36,6 +37,7 @@ REPORT_FILE = "report.html"  # evaluate / champion
 DECISION_FILE = "decision.json"  # promote
 DATA_REPORT_FILE = "data_report.json"  # prepare: the data against the champion's
 IMAGE_INDEX_FILE = "image_index.csv"  # prepare: one row per image (id, lesion, dx, sha256, ...)
+TENSORBOARD_DIR = "tensorboard"  # train / finetune: event files, uploaded after every epoch
 
 
 @dataclass(frozen=True)

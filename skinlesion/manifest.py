@@ -260,10 +260,13 @@ def publish(
     the others, for readers that poll for one file), then the manifest (plus the file
     list) last: the commit mark."""
     files: dict[str, dict[str, Any]] = {}
-    ordered = sorted(_outputs(work, what), key=lambda p: p.relative_to(work).as_posix() in last)
-    for path in ordered:
-        key = path.relative_to(work).as_posix()
-        files[key] = {"sha256": out.put_file(path, key), "size": path.stat().st_size}
+    paths = sorted(_outputs(work, what), key=lambda p: p.relative_to(work).as_posix() in last)
+    with logs.Progress(f"{what} upload", sum(p.stat().st_size for p in paths), "B") as bar:
+        for path in paths:
+            key = path.relative_to(work).as_posix()
+            size = path.stat().st_size
+            files[key] = {"sha256": out.put_file(path, key), "size": size}
+            bar.update(size)
     committed = {**manifest, VERSION_FIELD: SCHEMA_VERSION, "files": files}
     put_json(out, MANIFEST, committed)  # the commit mark, written last
     return committed
