@@ -21,7 +21,7 @@ from typing import Any
 from skinlesion import config, fields, logs, scratch
 from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
 from skinlesion.cli_controller import add_controller_arguments
-from skinlesion.cli_models import add_models_tools
+from skinlesion.cli_models import add_models_tools, add_serve_tool
 from skinlesion.cli_tools import add_store_tools
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
@@ -94,8 +94,10 @@ def _prepare(args: argparse.Namespace) -> int:
     if not args.out:
         raise InputError("--out is required unless --dry-run")
     raw, out = store_flag("--raw", args.raw), store_flag("--out", args.out)
+    champion = store_flag("--champion", args.champion) if args.champion else None
     logs.import_tensorflow()
-    _committed(args, cfg, out, prepare.run_prepare(cfg, raw, out, force=args.force))
+    manifest = prepare.run_prepare(cfg, raw, out, force=args.force, champion=champion)
+    _committed(args, cfg, out, manifest)
     return 0
 
 
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="store URI of the stage output")
     p.add_argument(
+        "--champion", help="champion URI (…/models/latest): the data report compares with its data"
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the metadata and print the split plan as JSON; read no images",
@@ -247,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_tools(sub)
     add_models_tools(sub)
+    add_serve_tool(sub)
 
     for name, help_, handler in (
         ("run", "run every stage on this machine", _run),

@@ -20,6 +20,7 @@ import numpy as np
 
 from skinlesion import bootstrap, config, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
+from skinlesion.data_report import read_report
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORT_FILE
 from skinlesion.lineage import upstream
@@ -205,6 +206,7 @@ def run_evaluate(
                     training_plots=training,
                     data_plots=data_plots,
                     data_manifest=data_manifest,
+                    data_report=read_report(val_data),
                     augment_manifest=augment,
                     model_manifest=model_manifest,
                     evaluate_settings=settings,

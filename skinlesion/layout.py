@@ -35,6 +35,8 @@ METRICS_FILE = "metrics.json"  # evaluate / champion
 PREDICTIONS_FILE = "predictions.csv"  # evaluate
 REPORT_FILE = "report.html"  # evaluate / champion
 DECISION_FILE = "decision.json"  # promote
+DATA_REPORT_FILE = "data_report.json"  # prepare: the data against the champion's
+IMAGE_INDEX_FILE = "image_index.csv"  # prepare: one row per image (id, lesion, dx, sha256, ...)
 TENSORBOARD_DIR = "tensorboard"  # train / finetune: event files, uploaded after every epoch
 
 

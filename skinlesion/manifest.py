@@ -253,11 +253,14 @@ def _outputs(work: Path, what: str) -> list[Path]:
     return paths
 
 
-def publish(out: Store, work: Path, manifest: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """Upload every file of `work` to the claimed, cleared `out`, then the manifest (plus
-    the file list) last: the commit mark."""
+def publish(
+    out: Store, work: Path, manifest: Mapping[str, Any], what: str, last: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Upload every file of `work` to the claimed, cleared `out` (the keys in `last` after
+    the others, for readers that poll for one file), then the manifest (plus the file
+    list) last: the commit mark."""
     files: dict[str, dict[str, Any]] = {}
-    paths = _outputs(work, what)
+    paths = sorted(_outputs(work, what), key=lambda p: p.relative_to(work).as_posix() in last)
     with logs.Progress(f"{what} upload", sum(p.stat().st_size for p in paths), "B") as bar:
         for path in paths:
             key = path.relative_to(work).as_posix()

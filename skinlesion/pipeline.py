@@ -76,7 +76,10 @@ def plan(
         "model": model,
         "candidate": uri("evaluate"),
     }
-    extra = {"promote": ("--target", layout.champion_uri)}
+    extra = {
+        "prepare": ("--champion", layout.champion_uri),  # the data report's comparison
+        "promote": ("--target", layout.champion_uri),
+    }
     calls: list[StageCall] = []
     for stage in STAGES:
         if not enabled.get(stage.name, True):

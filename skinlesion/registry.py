@@ -37,6 +37,7 @@ from skinlesion.manifest import (
 )
 from skinlesion.results import SCHEMA_VERSION, ChampionResult, parse_result
 from skinlesion.scratch import scratch_dir
+from skinlesion.serving import publish_export
 from skinlesion.storage import Store, download_prefix, get_json, open_store
 
 IMAGE_TAG_ENV = "SKINLESION_IMAGE_TAG"
@@ -103,6 +104,19 @@ def champion(models: Store) -> tuple[int, ChampionResult, Store] | None:
     return n, parse_result(ChampionResult, manifest, f"{store.uri}/{MANIFEST}"), store
 
 
+def champion_of(target: Store) -> tuple[int | None, ChampionResult, Store] | None:
+    """(version, manifest, prefix) of the champion, read through the registry next to the
+    champion prefix `target`; a champion written before the registry existed is read from
+    `target` (version None)."""
+    found = champion(models_of_champion(target))
+    if found is not None:
+        return found
+    manifest = read_manifest(target)
+    if manifest is None:
+        return None
+    return None, parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}"), target
+
+
 def lineage(candidate: Store, manifests: list[dict[str, Any]]) -> dict[str, str]:
     """stage -> fingerprint: the upstream outputs the `manifests` were built from (while
     they still hold what was read), then the other committed stages of the candidate's
@@ -157,8 +171,10 @@ def register(
     stages: dict[str, str],
     compared_with: int | None,
     redecide: Redecide,
+    serving: tuple[Path, dict[str, Any]] | None = None,
 ) -> Registered:
-    """Commit `work`'s files as a new version and make it the champion, unless another
+    """Commit `work`'s files as a new version (and `serving`'s SavedModel directory and
+    manifest fields as its serving export) and make it the champion, unless another
     promoter moved the champion since the decision (`compared_with`) and `redecide`
     against the new one says no: then the version is listed without an alias."""
     _, registry = read_raw(models)
@@ -167,6 +183,8 @@ def register(
     )  # checks the fields before anything is written
     n = _claim_version(models, registry, result.run_id)
     publish(models.child(version_key(n)), work, {**fields, "version": n}, "champion")
+    if serving is not None:  # committed before any alias can name the version
+        publish_export(models.child(serving_key(n)), serving[0], {**serving[1], "version": n})
     record = {
         "version": n,
         "run_id": result.run_id,
@@ -180,6 +198,7 @@ def register(
         "image_size": result.image_size,
         "created_at": _now(),
         "image_tag": os.environ.get(IMAGE_TAG_ENV, ""),
+        "serving": serving_key(n) if serving is not None else None,  # under models/
     }
     expected, reason = compared_with, ""
     for _ in range(MAX_TRIES):

@@ -64,3 +64,8 @@ def test_killed_run_resumes_at_the_stage_where_it_stopped(tmp_path: Path) -> Non
     assert (root / "models" / "latest" / "manifest.json").is_file()
     assert not list(tmp_path.rglob("*%2*"))  # nothing written under an encoded name
     assert f"{store_uri}/runs/e2e/evaluate/report.html" in resumed.stdout
+    # The first promotion: version 1, the champion, with its SavedModel (printed at the end).
+    assert f"model version 1 (champion): SavedModel {store_uri}/models/serving/1" in resumed.stdout
+    assert (root / "models" / "serving" / "1" / "saved_model.pb").is_file()
+    assert (root / "models" / "serving" / "1" / "manifest.json").is_file()
+    assert (root / "runs" / "e2e" / "prepare" / "data_report.json").is_file()
