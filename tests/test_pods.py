@@ -8,12 +8,14 @@ every Job's pod spec with `docker run`: the controller Job's pod talks to the em
 HTTPS with its mounted ServiceAccount token (RBAC from the chart's Role enforced), creates
 the stage Jobs, and each stage runs in its own container against SeaweedFS.
 
-Scenarios (each one controller run; `pytest -m pods` runs exactly these):
+Scenarios (each one controller run; `pytest -m pods` runs these and the kubelet's own tests,
+tests/test_docker_kubelet.py):
 - a whole run that loses the node under the training pod after its first epoch: the run
   finishes, every stage its own container, the metrics in the store, the champion promoted
   (test 1), and the lost pod is replaced inside its Job and training resumes (test 2);
-- bad input: prepare exits 2, the Job fails at once by its podFailurePolicy, the run ends
-  with exit 2, nothing is retried (test 3);
+- bad input in a scheduled run (a Job made from the chart's CronJob, as the CronJob
+  controller makes it: the run id derived from its name): prepare exits 2, its Job fails at
+  once by its podFailurePolicy, the run ends with exit 2, nothing is retried (test 3);
 - too little memory: prepare is OOM-killed, reported as such, and retried with the limit
   raised (test 4); then the controller Job is deleted and takes its stage Job with it.
 """
@@ -86,34 +88,38 @@ class Release:
     run_id: str
     store: str  # s3://bucket/prefix
     rendered: cr.Rendered
+    controller_job: str
 
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.store, self.run_id)
-
-    @property
-    def controller_job(self) -> str:
-        (job,) = self.rendered.kind("Job")
-        return str(job["metadata"]["name"])
 
     def stage_job(self, stage: str, attempt: int = 1) -> str:
         return job_name(RELEASE, stage, self.run_id, attempt)
 
 
 def install(
-    km: KMock, image: Built, s3: S3Server, raw: str, values: dict[str, Any] | None = None
+    km: KMock,
+    image: Built,
+    s3: S3Server,
+    raw: str,
+    values: dict[str, Any] | None = None,
+    scheduled: bool = False,
 ) -> Release:
-    """The chart (kind values, SeaweedFS as the store, tiny preset) and its Secret, installed."""
+    """The chart (kind values, SeaweedFS as the store, tiny preset) and its Secret, installed;
+    its run started by its one-off controller Job, or (`scheduled`) by a Job the CronJob
+    controller creates from the chart's CronJob at a schedule time."""
     repository, tag = image.name.split(":")
+    prefix = f"pods/{uuid.uuid4().hex[:8]}"
     run_id = "p" + uuid.uuid4().hex[:8]
-    prefix = f"pods/{run_id}"
     overrides = cr.deep_merge(
         {
             "image": {"repository": repository, "tag": tag},
             "store": {"endpoint": s3.endpoint, "bucket": s3.bucket, "prefix": prefix, "raw": raw,
                       "region": s3.region},
             "minio": {"enabled": False},
-            "run": {"enabled": True, "id": run_id},
+            "run": {"enabled": not scheduled, "id": run_id},
+            "schedule": {"enabled": scheduled},
             "pipeline": {"preset": "tiny"},
         },
         values or {},
@@ -133,7 +139,29 @@ def install(
     objects = [secret, *rendered.objects]
     for obj in sorted(objects, key=lambda o: INSTALL_ORDER.index(o["kind"])):
         create(km, obj)
-    return Release(run_id, f"s3://{s3.bucket}/{prefix}", rendered)
+    if not scheduled:
+        (controller,) = rendered.kind("Job")
+        return Release(
+            run_id, f"s3://{s3.bucket}/{prefix}", rendered, controller["metadata"]["name"]
+        )
+    # What the CronJob controller creates: <cronjob>-<schedule time in minutes>, from the
+    # jobTemplate, owned by the CronJob.
+    cronjob = rendered.one("CronJob")
+    template = cronjob["spec"]["jobTemplate"]
+    name = f"{cronjob['metadata']['name']}-{int(time.time() // 60)}"
+    create(km, {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "labels": template["metadata"]["labels"],
+            "annotations": {"batch.kubernetes.io/cronjob-scheduled-timestamp": "now"},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "CronJob", "controller": True,
+                                 "name": cronjob["metadata"]["name"], "uid": "cronjob-uid"}],
+        },
+        "spec": template["spec"],
+    })  # fmt: skip
+    return Release(name.removeprefix(f"{RELEASE}-"), f"s3://{s3.bucket}/{prefix}", rendered, name)
 
 
 def job(km: KMock, name: str) -> dict[str, Any] | None:
@@ -317,7 +345,7 @@ def test_a_node_lost_under_training_is_replaced_and_training_resumes(
 # --- 3: bad input ---------------------------------------------------------------------------
 
 
-def test_bad_input_ends_the_run_at_once_with_exit_2(
+def test_bad_input_ends_a_scheduled_run_at_once_with_exit_2(
     cluster: Cluster, built_image: Built, s3_server: S3Server, raw_data: str
 ) -> None:
     raw = open_store(raw_data)
@@ -329,13 +357,18 @@ def test_bad_input_ends_the_run_at_once_with_exit_2(
     text[3] = ",".join(fields)
     bad.put_bytes("HAM10000_metadata.csv", ("\n".join(text) + "\n").encode())
     km, kubelet = cluster.km, cluster.kubelet
-    run = install(km, built_image, s3_server, bad_uri)
+    run = install(km, built_image, s3_server, bad_uri, scheduled=True)
     controller = wait_job_end(kubelet, km, run.controller_job, RUN_TIMEOUT_S)
     (controller_pod,) = pods_of(kubelet, run.controller_job)
     # prepare: one Job, one pod, exit 2, failed by the podFailurePolicy (no retry)
     assert stage_jobs(km, run) == [run.stage_job("prepare")], controller_pod.log[-3000:]
     (pod,) = pods_of(kubelet, run.stage_job("prepare"))
     assert pod.exit_code == 2
+    # a scheduled run: the run id from the controller's own Job name (its pod's job-name
+    # label, through the chart's fieldRef), the lesion-hash split of schedule.split
+    assert run.run_id.startswith("retrain-") and run.stage_job("prepare") in kubelet.runs
+    args = pod.docker_args
+    assert args[args.index("--split") + 1] == "lesion-hash"
     error = [line for line in pod.log.splitlines() if line.startswith("skinlesion prepare: error:")]
     assert len(error) == 1 and "line 4" in error[0] and "dx" in error[0], pod.log[-2000:]
     failed = condition(job(km, run.stage_job("prepare")) or {}, "Failed")
