@@ -21,9 +21,9 @@
 # (`make image PIP_CERT=path`), mounted for the RUN only, and pip's cache is a BuildKit
 # cache mount: neither lands in a layer (tests/test_image.py greps the layers and the
 # history). docker/slim-venv.sh then drops what only building needs (pip, C++ headers,
-# libraries' test suites, symbol tables); the runtime stages hold only the virtualenv,
-# skinlesion/, jobs/ and pyproject.toml, owned by root and run as the unprivileged uid
-# 10001 (the chart's runAsUser) with a read-only root filesystem.
+# libraries' test suites; in the CPU target TensorFlow's symbol tables); the runtime stages
+# hold only the virtualenv, skinlesion/, jobs/ and pyproject.toml, owned by root and run as
+# the unprivileged uid 10001 (the chart's runAsUser) with a read-only root filesystem.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -58,7 +58,7 @@ RUN --mount=type=secret,id=pipcert --mount=type=cache,target=/root/.cache/pip \
     { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
  && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
       "tensorflow-cpu==$(cat tf-version)" \
- && sh slim-venv.sh /opt/venv
+ && sh slim-venv.sh /opt/venv --strip
 
 # --- builder-gpu: the dependencies with tensorflow[and-cuda] ---------------------------------
 FROM builder AS builder-gpu

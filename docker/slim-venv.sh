@@ -7,21 +7,24 @@
 #   - tensorflow/include: C++ headers for building custom ops;
 #   - kubernetes/aio: the client's asyncio copy (skinlesion.kube uses the sync client);
 #   - the libraries' own test suites (`tests` packages);
-#   - the symbol tables of tensorflow's shared libraries (about 250 MB; strip --strip-unneeded
-#     keeps the dynamic symbols that loading needs). Only tensorflow's: the other wheels'
-#     libraries were rewritten by auditwheel (patchelf), and strip breaks those (numpy's
-#     OpenBLAS: "ELF load command address/offset not page-aligned"); the CUDA wheels are
-#     left as NVIDIA ships them.
+#   - with --strip (the CPU target): the symbol tables of tensorflow's shared libraries (about
+#     250 MB; strip --strip-unneeded keeps the dynamic symbols that loading needs). Only
+#     tensorflow's: the other wheels' libraries were rewritten by auditwheel (patchelf), and
+#     strip breaks those (numpy's OpenBLAS: "ELF load command address/offset not
+#     page-aligned"). The GPU target's libraries, whose CUDA kernels cannot be tried on a
+#     machine without a GPU, are left as shipped.
 # It ends by importing every top-level dependency, so a library broken by this fails the build.
 set -eu
-venv=${1:?usage: slim-venv.sh VENV}
+venv=${1:?usage: slim-venv.sh VENV [--strip]}
 python="$venv/bin/python"
 site=$("$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
 "$python" -m pip uninstall -y -q libclang
 rm -rf "$site/tensorflow/include" "$site/kubernetes/aio"
 find "$site" -type d -name tests -prune -exec rm -rf {} +
-find "$site/tensorflow" -type f -name '*.so*' -exec strip --strip-unneeded {} +
+if [ "${2:-}" = --strip ]; then
+  find "$site/tensorflow" -type f -name '*.so*' -exec strip --strip-unneeded {} +
+fi
 "$python" -m pip uninstall -y -q pip
 "$python" -c "import tensorflow, keras, numpy, pandas, scipy, sklearn, matplotlib, PIL, h5py, \
 boto3, kubernetes, structlog, tqdm, yaml; print('slim-venv: imports ok, tensorflow', tensorflow.__version__)"

@@ -21,13 +21,15 @@ plays the two parts of a cluster that run it:
 ends as the control plane reports it (phase Failed, condition DisruptionTarget, container
 state ContainerStatusUnknown, exit code 137).
 
-Differences from a cluster, on purpose: failed pods are retried after `backoff_s` (1 s), not
-Kubernetes' 10 s doubling; finished Jobs are kept (no TTL controller); a pod lost with its
-node stays listed as Failed (the pod garbage collector would delete it); emptyDir volumes are
-tmpfs mounts of their size limit, so they count against the container's memory limit (as
-`medium: Memory` does). A pod field this kubelet cannot honour is an error (see
-docker_pod.PodConfigError), recorded and re-raised by `__exit__`, and its Job is failed so
-that no controller hangs on it; nothing is silently ignored.
+Every Job is first checked against the Kubernetes schema (kubernetes-validate, strict), as
+the API server would on create. Differences from a cluster, on purpose: failed pods are
+retried after `backoff_s` (1 s), not Kubernetes' 10 s doubling; finished Jobs are kept (no
+TTL controller); a pod lost with its node stays listed as Failed (the pod garbage collector
+would delete it); emptyDir volumes are tmpfs mounts of their size limit, so they count
+against the container's memory limit (as `medium: Memory` does). A pod field this kubelet
+cannot honour is an error (see docker_pod.PodConfigError), recorded and re-raised by
+`__exit__`, and its Job is failed so that no controller hangs on it; nothing is silently
+ignored.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from typing import Any
 import urllib3
 from kubernetes import client, watch
 
+from tests import chart_render as cr
 from tests import docker_engine
 from tests.cluster_auth import ClusterAuth
 from tests.docker_pod import PodConfigError, PodSources, container_command
@@ -103,6 +106,8 @@ class _JobRun:
         failed = 0
         status: dict[str, Any] = {"startTime": now(), "active": 0, "failed": 0, "succeeded": 0}
         try:
+            # what the API server would have refused (kmock stores any body): strict schema
+            cr.validate({k: v for k, v in self.job.items() if k != "status"}, cr.KUBE_VERSIONS[-1])
             while not self.deleted.is_set():
                 if self.deadline_at is not None and time.monotonic() >= self.deadline_at:
                     self.finish(status, "Failed", "DeadlineExceeded", DEADLINE_MESSAGE)

@@ -138,6 +138,7 @@ def install(
     }  # fmt: skip
     objects = [secret, *rendered.objects]
     for obj in sorted(objects, key=lambda o: INSTALL_ORDER.index(o["kind"])):
+        cr.validate(obj, cr.KUBE_VERSIONS[-1])  # as the API server would, strictly
         create(km, obj)
     if not scheduled:
         (controller,) = rendered.kind("Job")
