@@ -28,6 +28,7 @@ help:
 	@echo "make bench    benchmarks -> $(BENCH_JSON)"
 	@echo "make schema   regenerate the chart parts that mirror the code (schema, stage list)"
 	@echo "make image | kind-up | deploy | kind-test   Kubernetes (needs docker, kind, helm)"
+	@echo "make pods-test   the chart's Jobs run as containers of the built image (Docker engine)"
 
 # Every install takes its versions from the lock file (constraints.txt), as the image does:
 # the result does not depend on the day it runs. `make lock` regenerates it.
@@ -184,17 +185,6 @@ base-image: docker-engine
 	rm -rf "$$root"/usr/share/man/* "$$root"/usr/share/info/* "$$root"/usr/share/locale/*; \
 	rm -rf "$$root"/var/cache/apt/archives/*.deb "$$root"/var/cache/apt/*.bin \
 	  "$$root"/var/lib/apt/lists/* "$$root"/var/log/*; \
-	tar -C "$$root" -c . | $(DOCKER) import -c 'ENV LANG=C.UTF-8' - $(BASE_IMAGE) >/dev/null; \
-	echo "base-image: $(BASE_IMAGE) built"
-
-$(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),image image-gpu: base-image)
-
-image: docker-engine
-	@$(DOCKER) image inspect $(BASE_IMAGE) >/dev/null 2>&1 && exit 0; \
-	command -v debootstrap >/dev/null || { echo "base-image: install debootstrap (apt-get install debootstrap)" >&2; exit 1; }; \
-	set -euo pipefail; root=$$(mktemp -d); trap 'rm -rf "$$root"' EXIT; \
-	debootstrap --variant=minbase --include=python3.11,python3-venv bookworm "$$root" $(DEBIAN_MIRROR); \
-	rm -rf "$$root"/var/cache/apt/archives/*.deb "$$root"/var/lib/apt/lists/* "$$root"/var/log/*; \
 	tar -C "$$root" -c . | $(DOCKER) import -c 'ENV LANG=C.UTF-8' - $(BASE_IMAGE) >/dev/null; \
 	echo "base-image: $(BASE_IMAGE) built"
 

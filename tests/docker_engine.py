@@ -76,11 +76,14 @@ def require_engine() -> None:
 
 
 def pip_cert_bundle(directory: Path) -> Path:
-    """The CA bundle pip needs here, with the canary certificate appended."""
-    source = os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
-    base = Path(source).read_text() if Path(source).is_file() else ""
+    """The CA bundle pip needs here ($PIP_CERT, else the system's, else certifi's), with the
+    canary certificate appended."""
+    import certifi
+
+    candidates = [os.environ.get("PIP_CERT"), "/etc/ssl/certs/ca-certificates.crt", certifi.where()]
+    source = next(Path(c) for c in candidates if c and Path(c).is_file())
     bundle = directory / "pip-cert-bundle.pem"
-    bundle.write_text(base.rstrip("\n") + "\n" + CANARY.read_text())
+    bundle.write_text(source.read_text().rstrip("\n") + "\n" + CANARY.read_text())
     return bundle
 
 
