@@ -110,6 +110,8 @@ def build(workdir: Path) -> Built:
     """`make image` (the base image first when missing) with the canary CA bundle."""
     require_engine()
     repository, tag = image_name()
+    name = f"{repository}:{tag}"
+    previous = docker("image", "inspect", "--format", "{{.Id}}", name, check=False).stdout.strip()
     bundle = pip_cert_bundle(workdir)
     start = time.monotonic()
     done = subprocess.run(
@@ -124,6 +126,8 @@ def build(workdir: Path) -> Built:
     if done.returncode != 0:
         hint = f"\n({INSTALL_HINT})" if "debootstrap" in log or "docker-engine" in log else ""
         raise DockerUnavailable(f"make image failed (exit {done.returncode}):\n{log[-6000:]}{hint}")
-    name = f"{repository}:{tag}"
+    current = docker("image", "inspect", "--format", "{{.Id}}", name).stdout.strip()
+    if previous and previous != current:  # the last build of this tag, now untagged: its
+        docker("rmi", previous, check=False)  # layers would pile up run after run
     size = int(docker("image", "inspect", "--format", "{{.Size}}", name).stdout.strip())
     return Built(name, seconds, size, log)
