@@ -38,14 +38,16 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 WORKDIR /src
 
-# --- requirements: pyproject's dependency list, without the package and without tensorflow
-# (each target adds its own wheel of the pinned version). Its own stage, so that the install
-# layers below are reused until the dependency list or the pins change (not on every edit of
-# pyproject.toml). `python3`: the Debian base has no `python`.
+# --- requirements: the dependency list of pyproject.toml and of its optional extras but dev
+# (mlflow: the client, off unless MLFLOW_TRACKING_URI is set), without the package and
+# without tensorflow (each target adds its own wheel of the pinned version). Its own stage,
+# so that the install layers below are reused until the dependency list or the pins change
+# (not on every edit of pyproject.toml).
 FROM builder AS requirements
 COPY constraints.txt pyproject.toml ./
 RUN /opt/venv/bin/python -c "import re, tomllib; \
-deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = p['dependencies'] + [r for k, v in p['optional-dependencies'].items() if k != 'dev' for r in v]; \
 pins = dict(l.split('==') for l in open('constraints.txt').read().split() if '==' in l); \
 print('\n'.join(d for d in deps if re.match(r'[\w.-]+', d)[0] != 'tensorflow')); \
 open('tf-version', 'w').write(pins['tensorflow'])" > requirements.txt

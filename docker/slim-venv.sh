@@ -27,4 +27,4 @@ if [ "${2:-}" = --strip ]; then
 fi
 "$python" -m pip uninstall -y -q pip
 "$python" -c "import tensorflow, keras, numpy, pandas, scipy, sklearn, matplotlib, PIL, h5py, \
-boto3, kubernetes, structlog, tqdm, yaml; print('slim-venv: imports ok, tensorflow', tensorflow.__version__)"
+boto3, kubernetes, structlog, tqdm, yaml, mlflow; print('slim-venv: imports ok, tensorflow', tensorflow.__version__)"

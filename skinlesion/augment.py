@@ -343,7 +343,9 @@ def run_augment(
                 log.info("augment_plan", before=before, target=target, after=totals)
                 start = time.monotonic()
                 with shards.ShardWriter(work, "train", cfg.shard_size) as writer:
-                    for ex in logs.progress(generate(index, cfg, totals, quality), n_out, STAGE):
+                    for ex in logs.progress(
+                        generate(index, cfg, totals, quality), n_out, STAGE, "image"
+                    ):
                         writer.write(ex)
                 seconds = time.monotonic() - start
                 shard_list = writer.close()

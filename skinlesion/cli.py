@@ -31,8 +31,9 @@ from skinlesion.errors import (
     SkinlesionError,
     Terminated,
 )
-from skinlesion.obs import pushgateway
+from skinlesion.obs import pushgateway, stage_end
 from skinlesion.stages import STAGES, job_inputs
+from skinlesion.storage import Store, open_store
 from skinlesion.userinput import one_line
 
 STAGE_COMMANDS = frozenset(s.job for s in STAGES)
@@ -60,6 +61,21 @@ def _stage_parser(
 # --- handlers -----------------------------------------------------------------------------
 
 
+def _committed(
+    args: argparse.Namespace,
+    section: Any,
+    out: Store,
+    manifest: dict[str, Any],
+    model: Store | None = None,
+) -> None:
+    """What the observability integrations take from a committed stage (each off unless
+    configured): the Pushgateway exit push's figures, the MLflow stage report."""
+    pushgateway.note_manifest(manifest)
+    stage_end.report(
+        manifest["stage"], args.run_id, args.command, config.to_dict(section), out, manifest, model
+    )
+
+
 def _sample_data(args: argparse.Namespace) -> int:
     from skinlesion.synthetic import write_sample_data
 
@@ -79,7 +95,7 @@ def _prepare(args: argparse.Namespace) -> int:
         raise InputError("--out is required unless --dry-run")
     raw, out = store_flag("--raw", args.raw), store_flag("--out", args.out)
     logs.import_tensorflow()
-    pushgateway.note_manifest(prepare.run_prepare(cfg, raw, out, force=args.force))
+    _committed(args, cfg, out, prepare.run_prepare(cfg, raw, out, force=args.force))
     return 0
 
 
@@ -89,7 +105,7 @@ def _augment(args: argparse.Namespace) -> int:
     cfg = config.section_from_args(config.AugmentConfig, args, "augment")
     prepared, out = store_flag("--prepared", args.prepared), store_flag("--out", args.out)
     logs.import_tensorflow()
-    pushgateway.note_manifest(augment.run_augment(cfg, prepared, out, force=args.force))
+    _committed(args, cfg, out, augment.run_augment(cfg, prepared, out, force=args.force))
     return 0
 
 
@@ -109,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
     manifest = train.run_train(
         cfg, args.phase, train_data, val_data, out, init_model=init, force=args.force
     )
-    pushgateway.note_manifest(manifest)
+    _committed(args, cfg, out, manifest)
     return 0
 
 
@@ -120,7 +136,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, val_data = store_flag("--model", args.model), store_flag("--val-data", args.val_data)
     out = store_flag("--out", args.out)
     logs.import_tensorflow()
-    pushgateway.note_manifest(evaluate.run_evaluate(cfg, model, val_data, out, force=args.force))
+    _committed(args, cfg, out, evaluate.run_evaluate(cfg, model, val_data, out, force=args.force))
     return 0
 
 
@@ -128,15 +144,22 @@ def _promote(args: argparse.Namespace) -> int:
     from skinlesion import promote
 
     cfg = config.section_from_args(config.PromoteConfig, args, "promote")
-    promote.run_promote(
+    candidate, model = store_flag("--candidate", args.candidate), store_flag("--model", args.model)
+    out = (
+        store_flag("--out", args.out)
+        if args.out
+        else open_store(promote.promote_uri(candidate.uri))
+    )
+    manifest = promote.run_promote(
         cfg,
-        store_flag("--candidate", args.candidate),
-        store_flag("--model", args.model),
+        candidate,
+        model,
         store_flag("--target", args.target),
         run_id=args.run_id,
         force=args.force,
-        out=store_flag("--out", args.out) if args.out else None,
+        out=out,
     )
+    _committed(args, cfg, out, manifest, model)
     return 0
 
 

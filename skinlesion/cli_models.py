@@ -9,6 +9,7 @@ from typing import Any
 
 from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
 from skinlesion.layout import models_uri
+from skinlesion.obs import mlflow_log
 
 
 def _rows(registry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -34,6 +35,7 @@ def _models(args: argparse.Namespace) -> int:
     models = store_flag("--store", models_uri(args.store))
     if args.action == "rollback":
         event = registry.rollback(models, args.to)
+        mlflow_log.move_champion(event["champion"])  # MLflow's alias follows (when set)
         print(f"champion: version {event['champion']} (was {event['from']})")
         return 0
     _, reg = registry.read_raw(models)

@@ -38,7 +38,11 @@ BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same intervals
 
 
 def predict_shards(
-    net: Any, paths: list[Path], batch_size: int, counts: list[int] | None = None
+    net: Any,
+    paths: list[Path],
+    batch_size: int,
+    counts: list[int] | None = None,
+    desc: str = "evaluate",
 ) -> tuple[list[shards.Example], np.ndarray]:
     """(examples without their JPEG bytes, [n, 7] probabilities), in shard order.
 
@@ -55,7 +59,7 @@ def predict_shards(
         for path in paths:
             yield from shards.dataset([path], NUM_CLASSES, batch_size, shuffle=False, seed=0)
 
-    for images, onehot in logs.progress(batches(), total=total, desc="evaluate"):
+    for images, onehot in logs.progress(batches(), total, desc, "batch"):
         out = np.asarray(net.predict_on_batch(images), dtype=np.float64)
         if out.ndim != 2 or out.shape[1] != NUM_CLASSES:
             raise InputError(

@@ -5,6 +5,7 @@
     <store>/runs/<run-id>/cancelled.json     the cancel mark (`skinlesion cancel`)
     <store>/runs/<run-id>/<stage>/           a stage's outputs (owner.json first,
                                              manifest.json last; state/ while it trains)
+    <store>/runs/<run-id>/<stage>/tensorboard/  TensorBoard event files (train, finetune)
     <store>/runs/<run-id>/logs/<stage>-attempt-<n>.log
     <store>/models/latest/                   the champion (model.keras, metrics.json, ...):
                                              a copy of the version the `champion` alias names
@@ -34,6 +35,7 @@ METRICS_FILE = "metrics.json"  # evaluate / champion
 PREDICTIONS_FILE = "predictions.csv"  # evaluate
 REPORT_FILE = "report.html"  # evaluate / champion
 DECISION_FILE = "decision.json"  # promote
+TENSORBOARD_DIR = "tensorboard"  # train / finetune: event files, uploaded after every epoch
 
 
 @dataclass(frozen=True)

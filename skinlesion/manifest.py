@@ -257,9 +257,13 @@ def publish(out: Store, work: Path, manifest: Mapping[str, Any], what: str) -> d
     """Upload every file of `work` to the claimed, cleared `out`, then the manifest (plus
     the file list) last: the commit mark."""
     files: dict[str, dict[str, Any]] = {}
-    for path in _outputs(work, what):
-        key = path.relative_to(work).as_posix()
-        files[key] = {"sha256": out.put_file(path, key), "size": path.stat().st_size}
+    paths = _outputs(work, what)
+    with logs.Progress(f"{what} upload", sum(p.stat().st_size for p in paths), "B") as bar:
+        for path in paths:
+            key = path.relative_to(work).as_posix()
+            size = path.stat().st_size
+            files[key] = {"sha256": out.put_file(path, key), "size": size}
+            bar.update(size)
     committed = {**manifest, VERSION_FIELD: SCHEMA_VERSION, "files": files}
     put_json(out, MANIFEST, committed)  # the commit mark, written last
     return committed

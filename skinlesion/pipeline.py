@@ -25,7 +25,7 @@ from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
 from skinlesion.fields import to_flags
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import fingerprint, input_fingerprints, is_done
-from skinlesion.obs import run_end
+from skinlesion.obs import mlflow_log, run_end
 from skinlesion.obs.pushgateway import ATTEMPT_ENV
 from skinlesion.stages import INPUTS, STAGES, Stage
 from skinlesion.storage import check_inside, open_store
@@ -214,12 +214,13 @@ def run_pipeline(
         check_inside(layout.store, uri)
     with runlock.hold(open_store(layout.run_uri), layout.run_id, lock_ttl_s) as lock:
         start, report, error = time.monotonic(), RunReport(layout.run_id), None
+        mlflow_log.start_run(layout.run_id, config.to_dict(cfg))  # off unless configured
         try:
             return _run_stages(cfg, layout, executor, raw_uri, retry_delay_s, lock, report)
         except BaseException as exc:
             error = exc
             raise
-        finally:  # Pushgateway run state and the run-end webhook (each off unless set)
+        finally:  # Pushgateway run state, run-end webhook, MLflow status (each off unless set)
             done = sum(s.status == "done" for s in report.stages)
             run_end.report(layout, error, time.monotonic() - start, done)
 

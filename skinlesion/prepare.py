@@ -87,7 +87,7 @@ def _write_shards(
     kept: list[bool] = []
     with contextlib.ExitStack() as stack:
         writers = {s: stack.enter_context(ShardWriter(work, s, cfg.shard_size)) for s in SIDES}
-        for row, result in logs.progress(_results(rows, cfg, raw), len(rows), "prepare"):
+        for row, result in logs.progress(_results(rows, cfg, raw), len(rows), "prepare", "image"):
             kept.append(result.jpeg is not None)
             if result.jpeg is None:
                 log.warning("image_skipped", image_id=row.image_id, reason=result.error)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from skinlesion import logs
 from skinlesion.errors import InputError
 from skinlesion.results import Shards
 from skinlesion.storage import Store
@@ -192,7 +193,8 @@ def shard_count(listed: Shards, split: str, where: str) -> int:
 def fetch_split(store: Store, listed: Shards, split: str, dest: Path) -> list[Path]:
     """Download the shards of `split` that a committed stage result lists."""
     paths = []
-    for shard in split_shards(listed, split, store.uri):
+    listed_split = split_shards(listed, split, store.uri)
+    for shard in logs.progress(listed_split, len(listed_split), f"{split} download", "shard"):
         path = dest / split / shard["file"]
         store.get_file(shard["file"], path)
         paths.append(path)

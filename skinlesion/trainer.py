@@ -28,10 +28,11 @@ from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import InputError, Terminated
 from skinlesion.layout import MODEL_FILE
 from skinlesion.manifest import read_result
+from skinlesion.obs.tensorboard_log import EventLog
 from skinlesion.plots.training import training_curves
 from skinlesion.results import TrainResult
 from skinlesion.storage import Store, get_json
-from skinlesion.train_callbacks import EpochBackup, TrainCallbacks
+from skinlesion.train_callbacks import EpochBackup, StepProgress, TrainCallbacks, TrainTelemetry
 from skinlesion.train_data import TrainData, class_weights
 from skinlesion.train_runtime import Runtime, dtype_policy
 from skinlesion.train_state import METRICS, StateBackup, TrainState
@@ -210,6 +211,10 @@ class Trainer:
             replicas=runtime.replicas,
             mixed_precision=runtime.mixed_precision,
         )
+        stage = STAGE_OF_PHASE[self.phase]  # TensorBoard events and MLflow metrics per epoch
+        self.telemetry = TrainTelemetry(
+            stage, st, EventLog(work, self.backups.out), self.steps_per_epoch
+        )
         with runtime.strategy.scope():
             if self.resumed_from is not None:
                 st.resumes += 1
@@ -274,8 +279,12 @@ class Trainer:
                     *self.callbacks.stoppers.values(),
                     self.callbacks.checkpoint,
                     backup,
+                    self.telemetry,  # after the backup: logs what the state holds
+                    StepProgress(
+                        STAGE_OF_PHASE[self.phase], self.total_epochs, self.steps_per_epoch
+                    ),
                 ],
-                verbose=1 if logs.is_terminal() else 0,
+                verbose=0,  # StepProgress: a bar on a terminal, progress lines in a pod
                 shuffle=False,  # the dataset shuffles itself
             )
         except Terminated:
@@ -306,6 +315,7 @@ class Trainer:
             final = model_lib.build_for_config(cfg, data.image_size, load_weights=False)
             model_lib.set_model_weights(final, model.get_weights())
             final.save(work / MODEL_FILE)
+        self.telemetry.finish(model.optimizer, final, data.val_paths, self.batch_size)
         history = {"phase": self.phase, **st.history}
         (work / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         phases: list[tuple[str, Any]] = []

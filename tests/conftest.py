@@ -16,6 +16,7 @@ import pytest
 
 from skinlesion.storage import FileStore, S3Store, open_store
 from tests import docker_engine, s3server
+from tests.obs_servers import mlflow_uri, pushgateway_url  # noqa: F401  (session fixtures)
 
 # Variables that could point boto3 somewhere else than the test server, or read a
 # developer's real profile: removed for the session, restored afterwards.
