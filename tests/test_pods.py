@@ -12,7 +12,8 @@ Scenarios (each one controller run; `pytest -m pods` runs these and the kubelet'
 tests/test_docker_kubelet.py):
 - a whole run that loses the node under the training pod after its first epoch: the run
   finishes, every stage its own container, the metrics in the store, the champion promoted
-  (test 1), and the lost pod is replaced inside its Job and training resumes (test 2);
+  (test 1), and the lost pod is replaced inside its Job and training resumes (test 2); its
+  containers report to the session's Pushgateway and MLflow server;
 - bad input in a scheduled run (a Job made from the chart's CronJob, as the CronJob
   controller makes it: the run id derived from its name): prepare exits 2, its Job fails at
   once by its podFailurePolicy, the run ends with exit 2, nothing is retried (test 3);
@@ -25,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,9 +35,11 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from mlflow import MlflowClient
 
 from skinlesion.kube_jobs import job_name, job_state
 from skinlesion.layout import RunLayout
+from skinlesion.obs import mlflow_log
 from skinlesion.stages import STAGES
 from skinlesion.storage import get_json, open_store
 from skinlesion.synthetic import write_sample_data
@@ -246,15 +250,27 @@ class FinishedRun:
 
 @pytest.fixture(scope="module")
 def finished_run(
-    built_image: Built, s3_server: S3Server, raw_data: str, tmp_path_factory: pytest.TempPathFactory
+    built_image: Built,
+    s3_server: S3Server,
+    raw_data: str,
+    pushgateway_url: str,
+    mlflow_uri: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[FinishedRun]:
-    """The chart installed, its controller Job run to the end; the node under the training
-    pod lost once its first epoch is backed up (state.json in the store)."""
+    """The chart installed (reporting to the session's Pushgateway and MLflow server), its
+    controller Job run to the end; the node under the training pod lost once its first epoch
+    is backed up (state.json in the store)."""
     tmp = tmp_path_factory.mktemp("pods-run")
+    tag = uuid.uuid4().hex[:8]
+    observability = {
+        "metrics": {"pushgateway": {"url": pushgateway_url}},
+        "mlflow": {"trackingUri": mlflow_uri, "experiment": f"pods-{tag}",
+                   "registeredModel": f"pods-{tag}"},
+    }  # fmt: skip
     with KMock() as km:
         auth = ClusterAuth(km, tmp / "apiserver")
         with DockerKubelet(km, auth, NS, tmp / "pods") as kubelet:
-            release = install(km, built_image, s3_server, raw_data)
+            release = install(km, built_image, s3_server, raw_data, observability)
             train = release.stage_job("train")
             kubelet.wait_for(lambda: kubelet.running(train) is not None, RUN_TIMEOUT_S, train)
             pod = kubelet.running(train)
@@ -341,6 +357,46 @@ def test_a_node_lost_under_training_is_replaced_and_training_resumes(
     )
     (controller_pod,) = pods_of(kubelet, run.controller_job)
     assert not events(controller_pod.log, "job_failed")
+
+
+def test_the_runs_containers_report_to_the_pushgateway_and_mlflow(
+    finished_run: FinishedRun, pushgateway_url: str, mlflow_uri: str
+) -> None:
+    """The observability integrations from inside the image (read-only root, uid 10001)."""
+    run, kubelet = finished_run.release, finished_run.kubelet
+    for pod in kubelet.pods:
+        failed = events(pod.log, "mlflow_failed") + events(pod.log, "pushgateway_push_failed")
+        assert failed == [], (pod.name, failed)
+    metrics = get_json(open_store(run.layout.stage_uri("evaluate")), "metrics.json")
+    scrape = urllib.request.urlopen(f"{pushgateway_url}/metrics", timeout=10).read().decode()
+
+    def pushed(name: str, **labels: str) -> float:
+        wanted = {"run_id": run.run_id, **labels}
+        found = [
+            float(line.rsplit(" ", 1)[1])
+            for line in scrape.splitlines()
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in wanted.items())
+        ]
+        assert len(found) == 1, (name, labels, found)
+        return found[0]
+
+    assert pushed("skinlesion_eval_balanced_accuracy") == pytest.approx(
+        metrics["balanced_accuracy"]
+    )
+    assert pushed("skinlesion_run_state", state="succeeded") == 1.0  # the controller's push
+    assert pushed("skinlesion_stage_exit_code", stage="promote") == 0.0
+    values = run.rendered.stage_jobs()["train"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in values["env"]}
+    tracking = MlflowClient(mlflow_uri)
+    experiment = tracking.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"])
+    assert experiment is not None
+    (found,) = tracking.search_runs(
+        [experiment.experiment_id], f"tags.`{mlflow_log.RUN_TAG}` = '{run.run_id}'"
+    )
+    assert found.data.metrics["balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"])
+    champion = get_json(open_store(f"{run.store}/models"), "registry.json")["aliases"]["champion"]
+    version = tracking.get_model_version_by_alias(env["SKINLESION_MLFLOW_MODEL"], "champion")
+    assert version.tags[mlflow_log.VERSION_TAG] == str(champion)
 
 
 # --- 3: bad input ---------------------------------------------------------------------------
