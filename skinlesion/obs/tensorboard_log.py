@@ -5,6 +5,11 @@ key of the stage prefix after every epoch, so that TensorBoard shows a running t
 A new attempt of a stage starts from a cleared prefix (only the resume state survives), so
 each attempt writes one event file from scratch, replaying the epochs of its resume state
 first: every epoch appears once, whatever the number of resumes.
+
+The summaries are written with TensorFlow's own `tf.summary.write` and the plugin metadata
+TensorBoard's `scalar` and `image` would attach, so the files read the same in TensorBoard,
+but the `tensorboard` package is not needed where they are written: TensorFlow does not
+depend on it, and without it `tf.summary.scalar` raises (the image and `make run` have none).
 """
 
 from __future__ import annotations
@@ -16,6 +21,22 @@ from typing import Any
 
 from skinlesion.layout import TENSORBOARD_DIR
 from skinlesion.storage import Store
+
+
+def _metadata(plugin: str) -> Any:
+    """SummaryMetadata of a TensorBoard plugin (its plugin data: version 0, empty content)."""
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = plugin
+    return metadata
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
 class EventLog:
@@ -30,18 +51,23 @@ class EventLog:
         self.writer = tf.summary.create_file_writer(str(self.local))
 
     def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
+        """What `tf.summary.scalar` writes: a float32 scalar, plugin `scalars`."""
         import tensorflow as tf
 
+        metadata = _metadata("scalars")
         with self.writer.as_default(step=step):
             for tag, value in values.items():
                 if value is not None:
-                    tf.summary.scalar(tag, float(value))
+                    tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=metadata)
 
     def image_png(self, tag: str, png: bytes, step: int) -> None:
+        """What `tf.summary.image` writes for one PNG: [width, height, png], plugin `images`."""
         import tensorflow as tf
 
+        width, height = _png_size(png)
+        tensor = tf.constant([str(width).encode(), str(height).encode(), png])
         with self.writer.as_default(step=step):
-            tf.summary.image(tag, tf.image.decode_png(png, channels=3)[None], max_outputs=1)
+            tf.summary.write(tag, tensor, metadata=_metadata("images"))
 
     def upload(self) -> None:
         """Flush and copy the event files to `<out>/tensorboard/` (same names)."""
