@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from skinlesion import config, ham10000, logs
+from skinlesion import config, faults, ham10000, logs
 from skinlesion.classes import CLASSES, INDEX
 from skinlesion.imaging import (
     ResizeJob,
@@ -95,6 +95,7 @@ def _write_shards(
                 continue
             example = Example(result.jpeg, INDEX[row.dx], row.image_id, row.lesion_id)
             writers[row.side].write(example)
+            faults.point("image")
         shards = {side: writer.close() for side, writer in writers.items()}
     written = rows[kept]
     return shards, skipped, {side: written[written["side"] == side] for side in SIDES}

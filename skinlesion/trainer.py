@@ -22,7 +22,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from skinlesion import config, logs, shards, train_seeds
+from skinlesion import config, faults, logs, shards, train_seeds
 from skinlesion import model as model_lib
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import InputError, Terminated
@@ -180,6 +180,7 @@ class Trainer:
             seconds=round(seconds, 1),
             images_per_s=round(ips, 1),
         )
+        faults.point("epoch")
         self.backups.save(st, model, f"epoch-{epoch + 1:04d}")
 
     def stop_reason(self, epochs_done: int) -> str:
@@ -274,6 +275,7 @@ class Trainer:
                     *self.callbacks.stoppers.values(),
                     self.callbacks.checkpoint,
                     backup,
+                    *faults.keras_callbacks(),
                 ],
                 verbose=1 if logs.is_terminal() else 0,
                 shuffle=False,  # the dataset shuffles itself
