@@ -260,6 +260,8 @@ def run_promote(
         if found is not None and found[1].model_sha256 == model_sha:
             promoted, reason = True, "already the champion (an earlier attempt promoted it)"
             version = found[0]
+            if version is not None:  # that attempt may have been stopped mid-copy to latest
+                registry.sync_latest(registry.models_of_champion(target))
         else:
             promoted, reason = judge(champ, paired)
             if promoted:
