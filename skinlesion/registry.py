@@ -101,8 +101,18 @@ def champion(models: Store) -> tuple[int, ChampionResult, Store] | None:
     """(version, its manifest, its prefix) of the `champion` alias, or None."""
     _, registry = read_raw(models)
     n = registry["aliases"].get(CHAMPION_ALIAS)
-    if n is None:
-        return None
+    return None if n is None else _version(models, n)
+
+
+def replaced_by(models: Store, n: int) -> tuple[int, ChampionResult, Store] | None:
+    """The champion that version n replaced when it was promoted (None: there was none)."""
+    _, registry = read_raw(models)
+    moves = [h for h in registry["history"] if h["action"] == "promote" and h["champion"] == n]
+    before = moves[-1]["from"] if moves else None
+    return None if before is None else _version(models, before)
+
+
+def _version(models: Store, n: int) -> tuple[int, ChampionResult, Store]:
     store = models.child(version_key(n))
     manifest = read_manifest(store)
     if manifest is None:

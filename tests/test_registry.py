@@ -277,17 +277,18 @@ def test_a_promotion_stopped_mid_version_reuses_its_version(store: Store) -> Non
 
 
 def test_a_promotion_stopped_mid_copy_to_latest_is_repaired_by_its_rerun(store: Store) -> None:
-    """Killed while copying the listed champion to `latest` (its manifest removed, files
-    half-copied): the rerun finds itself the champion and completes the copy."""
+    """Killed while copying the newly listed champion to `latest` (its manifest removed,
+    files half-copied): the rerun finds itself the champion, completes the copy and records
+    the decision the stopped attempt made (against the champion it replaced)."""
+    promote_run(store, "r0", 0.50)
     evaluation, model, blob = make_candidate(store, "r1", 0.60, 0.5)
     latest = store.child("models", "latest")
-    run_promote(CFG, evaluation, model, latest, "r1")
+    first = run_promote(CFG, evaluation, model, latest, "r1")["decision"]
     latest.delete(MANIFEST)
     latest.put_bytes("model.keras", b"half a model")
-    manifest = run_promote(CFG, evaluation, model, latest, "r1", force=True)
-    decision = manifest["decision"]
-    assert decision["promoted"] is True and decision["reason"].startswith("already the champion")
+    again = run_promote(CFG, evaluation, model, latest, "r1", force=True)["decision"]
+    assert again == first and first["promoted"] is True and first["champion"]["version"] == 1
     held = read_manifest(latest)
-    assert held is not None and held["version"] == 1
+    assert held is not None and held["version"] == 2
     assert latest.get_bytes("model.keras") == blob
-    assert [e["version"] for e in _registry(store)["versions"]] == [1]
+    assert [e["version"] for e in _registry(store)["versions"]] == [1, 2]
