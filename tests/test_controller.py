@@ -704,6 +704,7 @@ def test_the_charts_own_controller_job_drives_a_run(
 LOAD_RUNS = 20
 
 
+@pytest.mark.soak  # about 4 s of the emulator's CPU per run: `make soak`
 def test_concurrent_runs_get_their_own_jobs_and_results(
     km: KMock, stages_path: Path, store_uri: str, raw_uri: str, tmp_path: Path
 ) -> None:
