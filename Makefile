@@ -18,12 +18,13 @@ NAMESPACE ?= skinlesion
 RELEASE ?= skinlesion
 VALUES ?= charts/skinlesion/values-kind.yaml
 
-.PHONY: help setup setup-dev pushgateway docker-deps pods-test lock schema run test check lint fmt bench image image-gpu docker-engine base-image \
+.PHONY: help setup setup-dev pushgateway docker-deps pods-test lock schema run test soak check lint fmt bench image image-gpu docker-engine base-image \
 	kind-up deploy kind-test clean
 
 help:
 	@echo "make run      set up .venv and run the whole pipeline locally (synthetic data)"
 	@echo "make test     set up .venv with dev tools and run every test"
+	@echo "make soak     the long fault matrices (every kill point), under 30 minutes"
 	@echo "make check    ruff, mypy, import contracts and the fast tests"
 	@echo "make bench    benchmarks -> $(BENCH_JSON)"
 	@echo "make schema   regenerate the chart parts that mirror the code (schema, stage list)"
@@ -81,7 +82,13 @@ docker-deps:
 	    "apt-get install -y docker.io debootstrap (as root)"
 
 test: setup-dev pushgateway docker-deps
-	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not soak" --durations=15 $(PYTEST_ARGS)
+
+# The long fault matrices: every test of these files, the `soak`-marked ones (which
+# `make test` leaves out) and the few that `make test` runs as well.
+SOAK_TESTS ?= tests/test_kill_matrix.py tests/test_controller.py::test_concurrent_runs_get_their_own_jobs_and_results
+soak: setup-dev
+	$(PY) -m pytest --durations=30 $(SOAK_TESTS) $(PYTEST_ARGS)
 
 lint: setup-dev
 	$(BIN)/ruff check skinlesion jobs tests
@@ -94,7 +101,7 @@ fmt: setup-dev
 	$(BIN)/ruff check --fix skinlesion jobs tests
 
 check: lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not soak" $(PYTEST_ARGS)
 
 # Only the tests that run the chart's Jobs as containers (builds the image first, cached).
 pods-test: setup-dev docker-deps

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from skinlesion import config, logs, shards
+from skinlesion import config, faults, logs, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.config import AugmentConfig, to_dict
 from skinlesion.errors import DataError
@@ -347,6 +347,7 @@ def run_augment(
                         generate(index, cfg, totals, quality), n_out, STAGE, "image"
                     ):
                         writer.write(ex)
+                        faults.point("image")
                 seconds = time.monotonic() - start
                 shard_list = writer.close()
                 rows = _samples(index, cfg, totals, quality)

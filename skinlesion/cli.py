@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from skinlesion import config, fields, logs, scratch
+from skinlesion import config, faults, fields, logs, scratch
 from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
 from skinlesion.cli_controller import add_controller_arguments
 from skinlesion.cli_models import add_models_tools, add_serve_tool
@@ -318,6 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logs.configure(run_id=args.run_id, stage=args.command, level=args.log_level)
     scratch.configure(os.environ.get(scratch.ENV))  # the environment is read here, once
+    stage = "finetune" if getattr(args, "phase", None) == "finetune" else args.command
+    try:
+        faults.arm(os.environ.get(faults.ENV), stage)  # tests only: no-op unless set
+    except InputError as exc:
+        print(f"skinlesion {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     signal.signal(signal.SIGTERM, _on_sigterm)
     if args.command not in STAGE_COMMANDS:
         return _handle(args)
@@ -326,7 +332,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _handle(args)
         return code
     finally:  # every stage process pushes on exit, whatever the outcome (off unless set)
-        stage = "finetune" if getattr(args, "phase", None) == "finetune" else args.command
         pushgateway.push_stage(stage, args.run_id, code, time.monotonic() - start)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from skinlesion import bootstrap, config, logs, report, shards
+from skinlesion import bootstrap, config, faults, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.data_report import read_report
 from skinlesion.errors import DamagedRun, InputError
@@ -68,6 +68,7 @@ def predict_shards(
             )
         probs.append(out)
         labels.append(np.asarray(onehot).argmax(axis=1))
+        faults.point("predict")
     for ex in shards.iter_examples(paths):
         examples.append(shards.Example(b"", ex.label, ex.image_id, ex.lesion_id))
     proba = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))

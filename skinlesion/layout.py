@@ -98,9 +98,12 @@ def models_uri(store_uri: str) -> str:
     return f"{store_uri.rstrip('/')}/{MODELS}"
 
 
+VERSIONS = "versions"  # every version's prefix, relative to `models_uri`
+
+
 def version_key(n: int) -> str:
     """Version n's prefix, relative to `models_uri`."""
-    return f"versions/{n}"
+    return f"{VERSIONS}/{n}"
 
 
 def serving_key(n: int) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from skinlesion import __version__, logs
+from skinlesion import __version__, faults, logs
 from skinlesion.errors import InputError, StageFailed
 from skinlesion.results import SCHEMA_VERSION, VERSION_FIELD, R, Result, parse_result
 from skinlesion.scratch import scratch_dir
@@ -297,7 +297,7 @@ def commit_stage(
     existing = _manifest_or_none(out)
     if existing is not None and _current(existing, fp) and not force:
         log.info("stage_already_done", out=out.uri, fingerprint=fp[:12])
-        _drop_state(out)  # left behind if a crash came between commit and clean-up
+        drop_state(out)  # left behind if a crash came between commit and clean-up
         return existing
     check_owned(stage, out)  # read-only: refuses foreign data before anything is written
 
@@ -306,6 +306,7 @@ def commit_stage(
         # A committed prefix with other settings/inputs (or --force) is stale: uncommit,
         # clear. An uncommitted own prefix is a crashed attempt: keep its resume state.
         clear(out, keep_state=existing is None and not force)
+        faults.point("commit.claimed")
 
     if claim_first:
         take()
@@ -334,11 +335,12 @@ def commit_stage(
             },
             stage,
         )
-    _drop_state(out)
+    faults.point("commit.manifest")
+    drop_state(out)
     return manifest
 
 
-def _drop_state(out: Store) -> None:
+def drop_state(out: Store) -> None:
     """Resume state is useless once the stage is committed."""
     for obj in out.list(STATE_PREFIX):
         out.delete(obj.key)

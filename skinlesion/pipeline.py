@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from skinlesion import cancel, config, logs, runlock
+from skinlesion import cancel, config, faults, logs, runlock
 from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
 from skinlesion.fields import to_flags
 from skinlesion.layout import RunLayout
-from skinlesion.manifest import fingerprint, input_fingerprints, is_done
+from skinlesion.manifest import drop_state, fingerprint, input_fingerprints, is_done
 from skinlesion.obs import mlflow_log, run_end
 from skinlesion.obs.pushgateway import ATTEMPT_ENV
 from skinlesion.stages import INPUTS, STAGES, Stage
@@ -246,6 +246,7 @@ def _run_stages(
         expected = expected_fingerprint(call)
         if is_done(out, expected):
             log.info("stage_skipped", step=name, reason="done with the same inputs and settings")
+            drop_state(out)  # resume state of an attempt killed right after its commit
             report.stages.append(StageReport(name, "skipped", out_uri=call.out_uri))
             continue
         # Attempt numbers go on from earlier processes' (their Jobs and logs are kept);
@@ -296,4 +297,5 @@ def _run_stages(
         seconds = time.monotonic() - start
         log.info("stage_done", step=name, attempts=tries, seconds=round(seconds, 1))
         report.stages.append(StageReport(name, "done", tries, seconds, call.out_uri))
+        faults.point("stage_done")
     return report

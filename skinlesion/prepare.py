@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from skinlesion import config, data_report, ham10000, logs
+from skinlesion import config, data_report, faults, ham10000, logs
 from skinlesion.classes import CLASSES, INDEX
 from skinlesion.imaging import (
     ResizeJob,
@@ -100,6 +100,7 @@ def _write_shards(
             index.append(
                 data_report.index_row(row.image_id, row.lesion_id, row.dx, row.side, result.stats)
             )
+            faults.point("image")
         shards = {side: writer.close() for side, writer in writers.items()}
     written = rows[kept]
     return shards, skipped, {side: written[written["side"] == side] for side in SIDES}

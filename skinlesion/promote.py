@@ -248,12 +248,22 @@ def run_promote(
         def redecide(n: int, current: ChampionResult, store: Store) -> tuple[bool, str]:
             return judge(*against(n, current, store))
 
+        already = "already the champion (an earlier attempt promoted it)"
+        if found is not None and found[1].model_sha256 == model_sha and found[0] is not None:
+            # An attempt of this promotion stopped after moving the alias: finish its copy
+            # to `latest`, and decide against the champion it replaced, as it did.
+            version = found[0]
+            models = registry.models_of_champion(target)
+            registry.sync_latest(models)
+            found = registry.replaced_by(models, version)
         if found is not None:
             champ, paired = against(*found)
             same_val = found[1].val_data_fingerprint == evaluation["inputs"]["val_data"]
-        if found is not None and found[1].model_sha256 == model_sha:
-            promoted, reason = True, "already the champion (an earlier attempt promoted it)"
-            version = found[0]
+        if version is not None:
+            won, reason = judge(champ, paired)
+            promoted, reason = True, reason if won else already
+        elif found is not None and found[1].model_sha256 == model_sha:
+            promoted, reason = True, already  # a champion written before the registry
         else:
             promoted, reason = judge(champ, paired)
             if promoted and cfg.require_no_drift and found is not None:

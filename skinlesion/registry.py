@@ -4,24 +4,29 @@ Every promotion writes a new version `versions/<n>/` (claimed with put_bytes_if_
 its owner.json, files uploaded, manifest.json last; never rewritten), then moves the
 `champion` alias in `registry.json` by compare-and-swap (the old champion becomes
 `previous`), then copies the champion version to `models/latest` for existing readers.
-The registry is the truth; `latest` is its copy, resynced after every alias move.
+The registry is the truth; `latest` is its copy, resynced after every alias move, by one
+writer at a time (the lock object `models/lock.json`, runlock.py): two promoters copying
+at once would leave one's manifest over the other's files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import logs
-from skinlesion.errors import InputError
+from skinlesion import logs, runlock
+from skinlesion.errors import InputError, StoreError
 from skinlesion.layout import (
     LATEST_KEY,
     REGISTRY_FILE,
+    VERSIONS,
     serving_key,
     sibling_stage_uri,
     version_key,
@@ -43,6 +48,8 @@ from skinlesion.storage import Store, download_prefix, get_json, open_store
 IMAGE_TAG_ENV = "SKINLESION_IMAGE_TAG"
 CHAMPION_ALIAS, PREVIOUS_ALIAS = "champion", "previous"
 MAX_TRIES = 50  # compare-and-swap retries before giving up on a hot registry
+LATEST_WRITER = "latest"  # the holder name in models/lock.json while `latest` is rewritten
+LATEST_WAIT_S = 600.0  # how long a promoter waits for another one's copy to `latest`
 
 
 def models_of_champion(target: Store) -> Store:
@@ -95,8 +102,18 @@ def champion(models: Store) -> tuple[int, ChampionResult, Store] | None:
     """(version, its manifest, its prefix) of the `champion` alias, or None."""
     _, registry = read_raw(models)
     n = registry["aliases"].get(CHAMPION_ALIAS)
-    if n is None:
-        return None
+    return None if n is None else _version(models, n)
+
+
+def replaced_by(models: Store, n: int) -> tuple[int, ChampionResult, Store] | None:
+    """The champion that version n replaced when it was promoted (None: there was none)."""
+    _, registry = read_raw(models)
+    moves = [h for h in registry["history"] if h["action"] == "promote" and h["champion"] == n]
+    before = moves[-1]["from"] if moves else None
+    return None if before is None else _version(models, before)
+
+
+def _version(models: Store, n: int) -> tuple[int, ChampionResult, Store]:
     store = models.child(version_key(n))
     manifest = read_manifest(store)
     if manifest is None:
@@ -143,8 +160,29 @@ def lineage(candidate: Store, manifests: list[dict[str, Any]]) -> dict[str, str]
     return dict(sorted(found.items()))
 
 
+def _unlisted_claim(models: Store, registry: dict[str, Any], run_id: str) -> int | None:
+    """A version this run claimed but never listed (its promotion was killed before the
+    registry named it: no reader knows it), to be reused instead of left half-written."""
+    listed = {e["version"] for e in registry["versions"]}
+    for obj in models.list(VERSIONS):
+        n_text, _, name = obj.key.removeprefix(f"{VERSIONS}/").partition("/")
+        if name != OWNER or not n_text.isdigit() or int(n_text) in listed:
+            continue
+        mark = get_json(models, obj.key)
+        if isinstance(mark, dict) and mark.get("run_id") == run_id:
+            return int(n_text)
+    return None
+
+
 def _claim_version(models: Store, registry: dict[str, Any], run_id: str) -> int:
-    """The next free version number, claimed: exactly one claimer wins each n."""
+    """The next free version number, claimed: exactly one claimer wins each n. A version
+    this run claimed before without listing it is cleared and reused (one writer per run:
+    the run lock)."""
+    mine = _unlisted_claim(models, registry, run_id)
+    if mine is not None:
+        clear(models.child(version_key(mine)), keep_state=False)
+        logs.get().warning("version_reclaimed", version=mine, reason="an earlier attempt stopped")
+        return mine
     n = max((e["version"] for e in registry["versions"]), default=0) + 1
     owner = {"run_id": run_id, "pid": os.getpid(), "created_at": _now()}
     while not models.put_bytes_if_absent(
@@ -260,9 +298,35 @@ def rollback(models: Store, to: int | None = None) -> dict[str, Any]:
     raise InputError(f"{models.uri}/{REGISTRY_FILE}: too many concurrent updates, retry")
 
 
+@contextmanager
+def _latest_writer(models: Store) -> Iterator[None]:
+    """Hold the lock of `latest`'s writer, waiting while another promoter holds it (a
+    dead holder's lock is taken over: runlock.py)."""
+    lock = runlock.RunLock(models, LATEST_WRITER)
+    deadline = time.monotonic() + LATEST_WAIT_S
+    while True:
+        try:
+            lock.acquire()
+            break
+        except runlock.RunLocked as exc:
+            if time.monotonic() > deadline:
+                raise StoreError(f"{models.uri}: {LATEST_KEY} is being rewritten: {exc}") from None
+            time.sleep(0.2)
+    lock.start_heartbeat()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def sync_latest(models: Store) -> None:
     """Copy the champion version to `latest` (commit protocol: manifest removed first,
     written last) until `latest` holds what the registry names, also after a race."""
+    with _latest_writer(models):
+        _copy_champion(models)
+
+
+def _copy_champion(models: Store) -> None:
     latest = models.child(LATEST_KEY)
     for _ in range(MAX_TRIES):
         now = champion(models)

@@ -72,7 +72,9 @@ def encode(ex: Example) -> bytes:
         for name, kind in FEATURES.items()
     }
     proto = tf.train.Example(features=tf.train.Features(feature=feature))
-    return bytes(proto.SerializeToString())
+    # Map entries in key order: the same example is the same bytes in every process, so a
+    # rerun writes the same shards and the stages after it keep their fingerprints.
+    return bytes(proto.SerializeToString(deterministic=True))
 
 
 def parse(serialized: Any, names: tuple[str, ...] = tuple(FEATURES)) -> dict[str, Any]:

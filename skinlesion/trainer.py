@@ -22,7 +22,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from skinlesion import config, logs, shards, train_seeds
+from skinlesion import config, faults, logs, shards, train_seeds
 from skinlesion import model as model_lib
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.errors import InputError, Terminated
@@ -181,6 +181,7 @@ class Trainer:
             seconds=round(seconds, 1),
             images_per_s=round(ips, 1),
         )
+        faults.point("epoch")
         self.backups.save(st, model, f"epoch-{epoch + 1:04d}")
 
     def stop_reason(self, epochs_done: int) -> str:
@@ -283,6 +284,7 @@ class Trainer:
                     StepProgress(
                         STAGE_OF_PHASE[self.phase], self.total_epochs, self.steps_per_epoch
                     ),
+                    *faults.keras_callbacks(),
                 ],
                 verbose=0,  # StepProgress: a bar on a terminal, progress lines in a pod
                 shuffle=False,  # the dataset shuffles itself

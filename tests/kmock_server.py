@@ -47,6 +47,7 @@ import urllib3
 from kubernetes import client, watch
 
 from skinlesion import config
+from skinlesion.kube_jobs import LABEL_RUN_ID
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import commit_stage, input_fingerprints
 from skinlesion.pipeline import StageCall, plan
@@ -454,7 +455,7 @@ class FakeKubelet:
                 ):
                     job = event["object"]
                     name = job["metadata"]["name"]
-                    if event["type"] != "ADDED" or name in self._seen:
+                    if event["type"] != "ADDED" or name in self._seen or not self._ours(job):
                         continue
                     self._seen.add(name)
                     if (job.get("status") or {}).get("conditions"):
@@ -469,6 +470,11 @@ class FakeKubelet:
             except (urllib3.exceptions.HTTPError, OSError):
                 if not self._stopped:
                     time.sleep(0.05)
+
+    def _ours(self, job: dict[str, Any]) -> bool:
+        """A Job of this kubelet's run (several runs may share the namespace)."""
+        labels = job["metadata"].get("labels") or {}
+        return labels.get(LABEL_RUN_ID) == self.layout.run_id
 
     def _broke(self, job: dict[str, Any], exc: BaseException) -> None:
         """Record the kubelet's own error and fail the Job, so that no controller hangs

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from skinlesion import faults
 from skinlesion.errors import InputError, StoreError
 from skinlesion.keys import safe_key
 from skinlesion.storage.base import ObjectInfo, child_key, sha256_bytes, sha256_file
@@ -74,6 +75,7 @@ class FileStore:
             os.unlink(tmp)
             raise StoreError(f"checksum mismatch writing {self.uri}/{key}")
         os.replace(tmp, path)
+        faults.point("upload")
         return digest
 
     def exists(self, key: str) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from skinlesion import logs
+from skinlesion import faults, logs
 from skinlesion.errors import InputError, StoreError
 from skinlesion.keys import safe_key
 from skinlesion.storage.base import ObjectInfo, child_key, join_keys, sha256_bytes, sha256_file
@@ -187,6 +187,7 @@ class S3Store:
             Key=self._key(key),
             ExtraArgs={"Metadata": {"sha256": digest}},
         )
+        faults.point("upload")
         return digest
 
     def exists(self, key: str) -> bool:
