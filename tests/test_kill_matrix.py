@@ -42,10 +42,11 @@ from typing import Any
 import pytest
 
 from skinlesion import faults
-from skinlesion.layout import CHAMPION, MODEL_FILE, MODELS, REGISTRY_FILE, RUNS
+from skinlesion.layout import CHAMPION, MODEL_FILE, MODELS, REGISTRY_FILE, RUNS, TENSORBOARD_DIR
 from skinlesion.manifest import MANIFEST, OWNER, STATE_PREFIX
 from skinlesion.stages import STAGES
 from skinlesion.storage import FileStore
+from skinlesion.train_callbacks import EPOCH_FIGURES
 from tests.runs import RUN_TIMEOUT_S, run_command, run_env
 
 pytestmark = pytest.mark.slow
@@ -189,6 +190,20 @@ def weights(h5: Any) -> str:
     return digest.hexdigest()
 
 
+def events_content(path: Path) -> str:
+    """A TensorBoard event file's summaries by step and tag, without wall times and the
+    figures that time the epoch (the file's name records its host, pid and start time)."""
+    import tensorflow as tf
+
+    timed = {EPOCH_FIGURES["seconds"][0], EPOCH_FIGURES["images_per_s"][0]}
+    rows = []
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for value in event.summary.value:
+            if value.tag not in timed:
+                rows.append((event.step, value.tag, value.tensor.SerializeToString().hex()))
+    return _sha(json.dumps(sorted(rows)).encode())
+
+
 def content(path: Path) -> str | None:
     """What a committed file holds, without what records when or how it was made: a
     model's weights (its config records object ids, its metadata the save time), a
@@ -204,7 +219,15 @@ def content(path: Path) -> str | None:
         return _sha(json.dumps(history, sort_keys=True).encode())
     if path.name == "report.html":
         return None
+    if path.parent.name == TENSORBOARD_DIR:
+        return events_content(path)
     return _sha(path.read_bytes())
+
+
+def file_name(key: str) -> str:
+    """A committed file's key, with an event file's host, pid and start time left out."""
+    head = key.rpartition("/")[0]
+    return f"{head}/events" if head == TENSORBOARD_DIR else key
 
 
 def committed(prefix: Path) -> dict[str, Any] | None:
@@ -243,7 +266,7 @@ def outputs(root: Path, upstream_through: str | None = None) -> dict[str, Any]:
         fields = {k: v for k, v in (manifest or {}).items() if k not in dropped}
         out[name] = manifest and {
             "fields": fields,
-            "files": {key: content(prefix / key) for key in sorted(manifest["files"])},
+            "files": {file_name(key): content(prefix / key) for key in sorted(manifest["files"])},
         }
         if name == upstream_through:
             dropped |= UPSTREAM_FIELDS
