@@ -4,7 +4,7 @@
 #   make image      # target cpu: CPU pools, kind   (skinlesion:<git sha>)
 #   make image-gpu  # target gpu: GPU pools         (skinlesion:<git sha>-gpu)
 #
-# No registry is needed but the package index: the Makefile builds the base from Debian
+# No registry is needed but the package indexes: the Makefile builds the base from Debian
 # packages (`make base-image`, debootstrap + docker import) and passes it as PYTHON_IMAGE;
 # any Debian-based Python 3.11 image works too (python:3.11-slim-bookworm). There is no
 # `# syntax=` line on purpose: it makes BuildKit pull a frontend image from a registry.
@@ -16,45 +16,61 @@
 # (nvidia.com/gpu), no CUDA base image.
 #
 # Dependencies are pinned by constraints.txt (the lock, generated from the tested .venv by
-# `make lock`, checked by tests/test_chart.py). pip runs with its
-# defaults (the package index); a CA bundle for a TLS-intercepting proxy comes in as the
-# BuildKit secret `pipcert` (`make image PIP_CERT=path`), mounted for the RUN only, and
-# pip's cache is a BuildKit cache mount: neither lands in a layer. The runtime stages hold
-# only the virtualenv, skinlesion/, jobs/ and pyproject.toml, owned by root and run as the
-# unprivileged uid 10001 (the chart's runAsUser) with a read-only root filesystem.
+# `make lock`, checked by tests/test_chart.py). pip runs with its defaults (the package
+# index); a CA bundle for a TLS-intercepting proxy comes in as the BuildKit secret `pipcert`
+# (`make image PIP_CERT=path`), mounted for the RUN only, and pip's cache is a BuildKit
+# cache mount: neither lands in a layer (tests/test_image.py greps the layers and the
+# history). docker/slim-venv.sh then drops what only building needs (pip, C++ headers,
+# libraries' test suites; in the CPU target TensorFlow's symbol tables); the runtime stages
+# hold only the virtualenv, skinlesion/, jobs/ and pyproject.toml, owned by root and run as
+# the unprivileged uid 10001 (the chart's runAsUser) with a read-only root filesystem.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# --- builder: a virtualenv and the dependency list ------------------------------------------
+# --- builder: an empty virtualenv, and `strip` for docker/slim-venv.sh -----------------------
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ONLY_BINARY=:all: \
     PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends binutils \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
 WORKDIR /src
+
+# --- requirements: the dependency list of pyproject.toml and of its optional extras but dev
+# (mlflow: the client, off unless MLFLOW_TRACKING_URI is set), without the package and
+# without tensorflow (each target adds its own wheel of the pinned version). Its own stage,
+# so that the install layers below are reused until the dependency list or the pins change
+# (not on every edit of pyproject.toml).
+FROM builder AS requirements
 COPY constraints.txt pyproject.toml ./
-# The dependency list of pyproject.toml without the package (so that the install layers
-# are reused until the dependencies change) and without tensorflow (each target adds its
-# own wheel of the pinned version). `python3`: the Debian base has no `python`.
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/python -c "import re, tomllib; \
-deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+RUN /opt/venv/bin/python -c "import re, tomllib; \
+p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+deps = p['dependencies'] + [r for k, v in p['optional-dependencies'].items() if k != 'dev' for r in v]; \
 pins = dict(l.split('==') for l in open('constraints.txt').read().split() if '==' in l); \
 print('\n'.join(d for d in deps if re.match(r'[\w.-]+', d)[0] != 'tensorflow')); \
 open('tf-version', 'w').write(pins['tensorflow'])" > requirements.txt
 
 # --- builder-cpu: the dependencies with tensorflow-cpu ---------------------------------------
 FROM builder AS builder-cpu
+COPY --from=requirements /src/requirements.txt /src/tf-version ./
+COPY constraints.txt docker/slim-venv.sh ./
 RUN --mount=type=secret,id=pipcert --mount=type=cache,target=/root/.cache/pip \
     { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
  && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
-      "tensorflow-cpu==$(cat tf-version)"
+      "tensorflow-cpu==$(cat tf-version)" \
+ && sh slim-venv.sh /opt/venv --strip
 
 # --- builder-gpu: the dependencies with tensorflow[and-cuda] ---------------------------------
 FROM builder AS builder-gpu
+COPY --from=requirements /src/requirements.txt /src/tf-version ./
+COPY constraints.txt docker/slim-venv.sh ./
 RUN --mount=type=secret,id=pipcert --mount=type=cache,target=/root/.cache/pip \
     { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
  && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
-      "tensorflow[and-cuda]==$(cat tf-version)"
+      "tensorflow[and-cuda]==$(cat tf-version)" \
+ && sh slim-venv.sh /opt/venv
 
 # --- runtime: slim Python, non-root user, application files only ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime

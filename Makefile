@@ -18,17 +18,19 @@ NAMESPACE ?= skinlesion
 RELEASE ?= skinlesion
 VALUES ?= charts/skinlesion/values-kind.yaml
 
-.PHONY: help setup setup-dev pushgateway lock schema run test check lint fmt bench gpu-bench image image-gpu docker-engine base-image \
+.PHONY: help setup setup-dev pushgateway docker-deps pods-test lock schema run test soak check lint fmt bench gpu-bench image image-gpu docker-engine base-image \
 	kind-up deploy kind-test clean
 
 help:
 	@echo "make run      set up .venv and run the whole pipeline locally (synthetic data)"
 	@echo "make test     set up .venv with dev tools and run every test"
+	@echo "make soak     the long fault matrices (every kill point), under 30 minutes"
 	@echo "make check    ruff, mypy, import contracts and the fast tests"
 	@echo "make bench    benchmarks -> $(BENCH_JSON)"
 	@echo "make gpu-bench  ResNet152 fine-tune images/s on one GPU -> $(GPU_BENCH_JSON)"
 	@echo "make schema   regenerate the chart parts that mirror the code (schema, stage list)"
 	@echo "make image | kind-up | deploy | kind-test   Kubernetes (needs docker, kind, helm)"
+	@echo "make pods-test   the chart's Jobs run as containers of the built image (Docker engine)"
 
 # Every install takes its versions from the lock file (constraints.txt), as the image does:
 # the result does not depend on the day it runs. `make lock` regenerates it.
@@ -67,8 +69,27 @@ pushgateway:
 	  echo "tests/test_obs.py needs prometheus-pushgateway: apt-get install -y prometheus-pushgateway" \
 	    "(or put the binary from github.com/prometheus/pushgateway releases on PATH)"
 
-test: setup-dev pushgateway
-	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+# The image and pods tests (tests/test_image.py, tests/test_pods.py, marker `pods`) build the
+# image with `make image` and run the chart's Jobs in it: they need Debian's Docker engine and
+# debootstrap, installed here when apt is usable (the tests start the engine and build the
+# base themselves); elsewhere they fail saying what to install.
+docker-deps:
+	@{ command -v dockerd && command -v debootstrap; } >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io debootstrap >/dev/null || \
+	      { apt-get update >/dev/null && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io debootstrap >/dev/null; }; }; } || \
+	  echo "tests/test_image.py and tests/test_pods.py need Docker's engine and debootstrap:" \
+	    "apt-get install -y docker.io debootstrap (as root)"
+
+test: setup-dev pushgateway docker-deps
+	$(PY) -m pytest -m "not soak" --durations=15 $(PYTEST_ARGS)
+
+# The long fault matrices: every test of these files, the `soak`-marked ones (which
+# `make test` leaves out) and the few that `make test` runs as well.
+SOAK_TESTS ?= tests/test_kill_matrix.py tests/test_controller.py::test_concurrent_runs_get_their_own_jobs_and_results
+soak: setup-dev
+	$(PY) -m pytest --durations=30 $(SOAK_TESTS) $(PYTEST_ARGS)
 
 lint: setup-dev
 	$(BIN)/ruff check skinlesion jobs tests
@@ -81,7 +102,11 @@ fmt: setup-dev
 	$(BIN)/ruff check --fix skinlesion jobs tests
 
 check: lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not soak" $(PYTEST_ARGS)
+
+# Only the tests that run the chart's Jobs as containers (builds the image first, cached).
+pods-test: setup-dev docker-deps
+	$(PY) -m pytest -m pods --durations=0 $(PYTEST_ARGS)
 
 bench: setup-dev
 	BENCH_JSON=$(BENCH_JSON) $(PY) -m tests.bench
@@ -123,17 +148,20 @@ for i in $$(seq 60); do \
 done;
 endef
 
-# --- image: built with no registry but the package index -----------------------------------
+# --- image: built with no registry but the package indexes -----------------------------------
 # The base is Debian bookworm's python3.11 from Debian packages (debootstrap, docker import),
-# built once and kept: `make base-image`. PYTHON_IMAGE=python:3.11-slim-bookworm builds on
-# the registry's Python image instead. PIP_CERT=path: a CA bundle for pip inside the build
-# (a TLS-intercepting proxy), passed as a BuildKit secret, never stored in a layer.
+# built once and kept: `make base-image` (about a minute; the tag names the recipe: change it
+# with the recipe). Like Debian's slim images it drops documentation, manual pages and message
+# translations (keeping the copyright files) and tells dpkg to leave them out of later installs.
+# PYTHON_IMAGE=python:3.11-slim-bookworm builds on the registry's Python image instead.
+# PIP_CERT=path: a CA bundle for pip inside the build (a TLS-intercepting proxy), passed as a
+# BuildKit secret, never stored in a layer (tests/test_image.py checks the layers and history).
 # A Docker engine that is not running is started here when we are root (dockerd, host
 # networking only: containers run with --network host).
 # /usr/bin/docker first: a distribution's client with BuildKit built in (a bare client
 # elsewhere on PATH may lack the buildx plugin that BuildKit builds need).
 DOCKER ?= $(firstword $(wildcard /usr/bin/docker) docker)
-BASE_IMAGE ?= skinlesion-base:bookworm
+BASE_IMAGE ?= skinlesion-base:bookworm-slim
 PYTHON_IMAGE ?= $(BASE_IMAGE)
 PIP_CERT ?=
 DOCKERD_LOG ?= /tmp/skinlesion-dockerd.log
@@ -141,6 +169,14 @@ PIP_SECRET = --secret id=pipcert$(comma)src=$(PIP_CERT)
 comma := ,
 DOCKER_BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --network host --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) \
 	$(if $(PIP_CERT),$(PIP_SECRET))
+define SLIM_DPKG
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+endef
+export SLIM_DPKG
 
 docker-engine:
 	@$(DOCKER) info >/dev/null 2>&1 && exit 0; \
@@ -154,9 +190,15 @@ docker-engine:
 base-image: docker-engine
 	@$(DOCKER) image inspect $(BASE_IMAGE) >/dev/null 2>&1 && exit 0; \
 	command -v debootstrap >/dev/null || { echo "base-image: install debootstrap (apt-get install debootstrap)" >&2; exit 1; }; \
+	[ "$$(id -u)" = 0 ] || { echo "base-image: debootstrap needs root" >&2; exit 1; }; \
 	set -euo pipefail; root=$$(mktemp -d); trap 'rm -rf "$$root"' EXIT; \
 	debootstrap --variant=minbase --include=python3.11,python3-venv bookworm "$$root" $(DEBIAN_MIRROR); \
-	rm -rf "$$root"/var/cache/apt/archives/*.deb "$$root"/var/lib/apt/lists/* "$$root"/var/log/*; \
+	printf '%s\n' "$$SLIM_DPKG" > "$$root"/etc/dpkg/dpkg.cfg.d/skinlesion-slim; \
+	find "$$root"/usr/share/doc -mindepth 1 -not -name copyright -not -type d -delete; \
+	find "$$root"/usr/share/doc -mindepth 1 -type d -empty -delete; \
+	rm -rf "$$root"/usr/share/man/* "$$root"/usr/share/info/* "$$root"/usr/share/locale/*; \
+	rm -rf "$$root"/var/cache/apt/archives/*.deb "$$root"/var/cache/apt/*.bin \
+	  "$$root"/var/lib/apt/lists/* "$$root"/var/log/*; \
 	tar -C "$$root" -c . | $(DOCKER) import -c 'ENV LANG=C.UTF-8' - $(BASE_IMAGE) >/dev/null; \
 	echo "base-image: $(BASE_IMAGE) built"
 

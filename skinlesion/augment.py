@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from skinlesion import config, logs, shards
+from skinlesion import config, faults, logs, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.config import AugmentConfig, to_dict
 from skinlesion.errors import DataError
@@ -343,8 +343,11 @@ def run_augment(
                 log.info("augment_plan", before=before, target=target, after=totals)
                 start = time.monotonic()
                 with shards.ShardWriter(work, "train", cfg.shard_size) as writer:
-                    for ex in logs.progress(generate(index, cfg, totals, quality), n_out, STAGE):
+                    for ex in logs.progress(
+                        generate(index, cfg, totals, quality), n_out, STAGE, "image"
+                    ):
                         writer.write(ex)
+                        faults.point("image")
                 seconds = time.monotonic() - start
                 shard_list = writer.close()
                 rows = _samples(index, cfg, totals, quality)

@@ -18,10 +18,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from skinlesion import config, fields, logs, scratch
+from skinlesion import config, faults, fields, logs, scratch
 from skinlesion.cli_args import LOG_LEVELS, default_store, int_in, store_flag
 from skinlesion.cli_controller import add_controller_arguments
-from skinlesion.cli_models import add_models_tools
+from skinlesion.cli_models import add_models_tools, add_serve_tool
 from skinlesion.cli_tools import add_store_tools
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
@@ -31,8 +31,9 @@ from skinlesion.errors import (
     SkinlesionError,
     Terminated,
 )
-from skinlesion.obs import pushgateway
+from skinlesion.obs import pushgateway, stage_end
 from skinlesion.stages import STAGES, job_inputs
+from skinlesion.storage import Store, open_store
 from skinlesion.userinput import one_line
 
 STAGE_COMMANDS = frozenset(s.job for s in STAGES)
@@ -60,6 +61,21 @@ def _stage_parser(
 # --- handlers -----------------------------------------------------------------------------
 
 
+def _committed(
+    args: argparse.Namespace,
+    section: Any,
+    out: Store,
+    manifest: dict[str, Any],
+    model: Store | None = None,
+) -> None:
+    """What the observability integrations take from a committed stage (each off unless
+    configured): the Pushgateway exit push's figures, the MLflow stage report."""
+    pushgateway.note_manifest(manifest)
+    stage_end.report(
+        manifest["stage"], args.run_id, args.command, config.to_dict(section), out, manifest, model
+    )
+
+
 def _sample_data(args: argparse.Namespace) -> int:
     from skinlesion.synthetic import write_sample_data
 
@@ -78,8 +94,10 @@ def _prepare(args: argparse.Namespace) -> int:
     if not args.out:
         raise InputError("--out is required unless --dry-run")
     raw, out = store_flag("--raw", args.raw), store_flag("--out", args.out)
+    champion = store_flag("--champion", args.champion) if args.champion else None
     logs.import_tensorflow()
-    pushgateway.note_manifest(prepare.run_prepare(cfg, raw, out, force=args.force))
+    manifest = prepare.run_prepare(cfg, raw, out, force=args.force, champion=champion)
+    _committed(args, cfg, out, manifest)
     return 0
 
 
@@ -89,7 +107,7 @@ def _augment(args: argparse.Namespace) -> int:
     cfg = config.section_from_args(config.AugmentConfig, args, "augment")
     prepared, out = store_flag("--prepared", args.prepared), store_flag("--out", args.out)
     logs.import_tensorflow()
-    pushgateway.note_manifest(augment.run_augment(cfg, prepared, out, force=args.force))
+    _committed(args, cfg, out, augment.run_augment(cfg, prepared, out, force=args.force))
     return 0
 
 
@@ -115,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg, args.phase, train_data, val_data, out, init_model=init, force=args.force,
         cluster=cluster,
     )  # fmt: skip
-    pushgateway.note_manifest(manifest)
+    _committed(args, cfg, out, manifest)
     return 0
 
 
@@ -126,7 +144,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, val_data = store_flag("--model", args.model), store_flag("--val-data", args.val_data)
     out = store_flag("--out", args.out)
     logs.import_tensorflow()
-    pushgateway.note_manifest(evaluate.run_evaluate(cfg, model, val_data, out, force=args.force))
+    _committed(args, cfg, out, evaluate.run_evaluate(cfg, model, val_data, out, force=args.force))
     return 0
 
 
@@ -134,15 +152,22 @@ def _promote(args: argparse.Namespace) -> int:
     from skinlesion import promote
 
     cfg = config.section_from_args(config.PromoteConfig, args, "promote")
-    promote.run_promote(
+    candidate, model = store_flag("--candidate", args.candidate), store_flag("--model", args.model)
+    out = (
+        store_flag("--out", args.out)
+        if args.out
+        else open_store(promote.promote_uri(candidate.uri))
+    )
+    manifest = promote.run_promote(
         cfg,
-        store_flag("--candidate", args.candidate),
-        store_flag("--model", args.model),
+        candidate,
+        model,
         store_flag("--target", args.target),
         run_id=args.run_id,
         force=args.force,
-        out=store_flag("--out", args.out) if args.out else None,
+        out=out,
     )
+    _committed(args, cfg, out, manifest, model)
     return 0
 
 
@@ -191,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="store URI of the stage output")
     p.add_argument(
+        "--champion", help="champion URI (…/models/latest): the data report compares with its data"
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the metadata and print the split plan as JSON; read no images",
@@ -230,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_store_tools(sub)
     add_models_tools(sub)
+    add_serve_tool(sub)
 
     for name, help_, handler in (
         ("run", "run every stage on this machine", _run),
@@ -295,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logs.configure(run_id=args.run_id, stage=args.command, level=args.log_level)
     scratch.configure(os.environ.get(scratch.ENV))  # the environment is read here, once
+    stage = "finetune" if getattr(args, "phase", None) == "finetune" else args.command
+    try:
+        faults.arm(os.environ.get(faults.ENV), stage)  # tests only: no-op unless set
+    except InputError as exc:
+        print(f"skinlesion {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     signal.signal(signal.SIGTERM, _on_sigterm)
     if args.command not in STAGE_COMMANDS:
         return _handle(args)
@@ -303,7 +338,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _handle(args)
         return code
     finally:  # every stage process pushes on exit, whatever the outcome (off unless set)
-        stage = "finetune" if getattr(args, "phase", None) == "finetune" else args.command
         pushgateway.push_stage(stage, args.run_id, code, time.monotonic() - start)
 
 

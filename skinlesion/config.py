@@ -163,6 +163,17 @@ class PromoteConfig:
     melanoma_recall_margin: float = setting(
         0.02, "largest allowed drop in melanoma recall", "[0, 1]"
     )
+    require_no_drift: bool = setting(
+        False,
+        "hold the promotion for review when prepare's data report flags drift in any class "
+        "against the champion's training data, or could not check it",
+    )
+    serving_export: bool = setting(
+        True,
+        "write each registered version's TensorFlow SavedModel under models/serving/<n> "
+        "(the TF Serving and KServe layout)",
+        output=False,
+    )
 
     def validate(self, path: str) -> None:
         check_ranges(self, path)

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from skinlesion import bootstrap, config, logs, report, shards
+from skinlesion import bootstrap, config, faults, logs, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
+from skinlesion.data_report import read_report
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORT_FILE
 from skinlesion.lineage import upstream
@@ -38,7 +39,11 @@ BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same intervals
 
 
 def predict_shards(
-    net: Any, paths: list[Path], batch_size: int, counts: list[int] | None = None
+    net: Any,
+    paths: list[Path],
+    batch_size: int,
+    counts: list[int] | None = None,
+    desc: str = "evaluate",
 ) -> tuple[list[shards.Example], np.ndarray]:
     """(examples without their JPEG bytes, [n, 7] probabilities), in shard order.
 
@@ -55,7 +60,7 @@ def predict_shards(
         for path in paths:
             yield from shards.dataset([path], NUM_CLASSES, batch_size, shuffle=False, seed=0)
 
-    for images, onehot in logs.progress(batches(), total=total, desc="evaluate"):
+    for images, onehot in logs.progress(batches(), total, desc, "batch"):
         out = np.asarray(net.predict_on_batch(images), dtype=np.float64)
         if out.ndim != 2 or out.shape[1] != NUM_CLASSES:
             raise InputError(
@@ -63,6 +68,7 @@ def predict_shards(
             )
         probs.append(out)
         labels.append(np.asarray(onehot).argmax(axis=1))
+        faults.point("predict")
     for ex in shards.iter_examples(paths):
         examples.append(shards.Example(b"", ex.label, ex.image_id, ex.lesion_id))
     proba = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))
@@ -201,6 +207,7 @@ def run_evaluate(
                     training_plots=training,
                     data_plots=data_plots,
                     data_manifest=data_manifest,
+                    data_report=read_report(val_data),
                     augment_manifest=augment,
                     model_manifest=model_manifest,
                     evaluate_settings=settings,

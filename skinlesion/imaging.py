@@ -8,6 +8,7 @@ still covers the target size, which skips most of the decoding work for a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import multiprocessing
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
 from skinlesion import userinput
 from skinlesion.errors import DataError
@@ -46,12 +47,13 @@ def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash") -> Image.Image:
-    """The image as RGB `size` x `size`: `squash` resizes the whole frame, `crop`
-    takes the centre square first. DataError naming `name` (the image's full path or
-    URI) when undecodable."""
+def _decode_resized(
+    data: bytes, name: str, size: int, resize: Resize
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(the resized RGB image, the stored width and height); see `decode_resized`."""
     try:
         source = Image.open(io.BytesIO(data))
+        stored = source.size
         if source.width * source.height > MAX_PIXELS:
             raise DataError(
                 f"{name}: image of {source.width}x{source.height} pixels is over the limit "
@@ -64,15 +66,15 @@ def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash")
         if img.mode != "RGB":
             img = img.convert("RGB")
         box = centre_square(*img.size) if resize == "crop" else None
-        return img.resize((size, size), Image.Resampling.BOX, box=box)
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=box), stored
     except _DECODE_ERRORS as exc:
         raise DataError(f"{name}: cannot decode image: {userinput.describe(exc)}") from None
 
 
 def _has_orientation(img: Image.Image) -> bool:
-    """Whether the image carries an EXIF orientation other than 1 (upright): only then
-    is transposing it worth the copy (reads the EXIF block already in the header)."""
-    if "exif" not in img.info:
+    """Whether the image carries an orientation other than 1 (upright), in EXIF or XMP:
+    only then is transposing it worth the copy (Pillow's getexif reads both)."""
+    if not any(key in img.info for key in ("exif", "xmp", "XML:com.adobe.xmp")):
         return False
     return img.getexif().get(ORIENTATION_TAG, 1) != 1
 
@@ -80,13 +82,44 @@ def _has_orientation(img: Image.Image) -> bool:
 ORIENTATION_TAG = 0x0112
 
 
+def decode_resized(data: bytes, name: str, size: int, resize: Resize = "squash") -> Image.Image:
+    """The image as RGB `size` x `size`: `squash` resizes the whole frame, `crop`
+    takes the centre square first. DataError naming `name` (the image's full path or
+    URI) when undecodable. (serving_graph.py does the same in TensorFlow ops.)"""
+    return _decode_resized(data, name, size, resize)[0]
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def resize_jpeg(
     data: bytes, name: str, size: int, resize: Resize = "squash", quality: int = 95
 ) -> bytes:
     """JPEG bytes of the resized image (see `decode_resized`)."""
-    buf = io.BytesIO()
-    decode_resized(data, name, size, resize).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+    return _jpeg(decode_resized(data, name, size, resize), quality)
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """What the data report needs of one source image."""
+
+    sha256: str  # of the file's bytes: exact duplicates
+    width: int  # as stored (before EXIF orientation)
+    height: int
+    brightness: float  # mean luma (ITU-R 601) of the resized image, 0-255
+
+
+def resize_with_stats(
+    data: bytes, name: str, size: int, resize: Resize, quality: int
+) -> tuple[bytes, ImageStats]:
+    """`resize_jpeg` and the image's `ImageStats`, from one decode."""
+    img, (width, height) = _decode_resized(data, name, size, resize)
+    luma = ImageStat.Stat(img.convert("L")).mean[0]
+    stats = ImageStats(hashlib.sha256(data).hexdigest(), width, height, round(luma, 3))
+    return _jpeg(img, quality), stats
 
 
 # --- prepare's worker: fetch + resize a chunk of images ------------------------------
@@ -105,6 +138,7 @@ class ResizeJob:
 class ResizeResult:
     jpeg: bytes | None  # None: skipped, see error
     error: str = ""
+    stats: ImageStats | None = None
 
 
 _SOURCE: Store | None = None
@@ -124,7 +158,8 @@ def resize_chunk(job: ResizeJob) -> list[ResizeResult]:
         data = _SOURCE.get_bytes(key)
         name = f"{_SOURCE.uri}/{key}"
         try:
-            results.append(ResizeResult(resize_jpeg(data, name, job.size, job.resize, job.quality)))
+            jpeg, stats = resize_with_stats(data, name, job.size, job.resize, job.quality)
+            results.append(ResizeResult(jpeg, stats=stats))
         except DataError as exc:
             if not job.skip_bad:
                 raise

@@ -5,6 +5,7 @@
     <store>/runs/<run-id>/cancelled.json     the cancel mark (`skinlesion cancel`)
     <store>/runs/<run-id>/<stage>/           a stage's outputs (owner.json first,
                                              manifest.json last; state/ while it trains)
+    <store>/runs/<run-id>/<stage>/tensorboard/  TensorBoard event files (train, finetune)
     <store>/runs/<run-id>/logs/<stage>-attempt-<n>.log
     <store>/models/latest/                   the champion (model.keras, metrics.json, ...):
                                              a copy of the version the `champion` alias names
@@ -34,6 +35,9 @@ METRICS_FILE = "metrics.json"  # evaluate / champion
 PREDICTIONS_FILE = "predictions.csv"  # evaluate
 REPORT_FILE = "report.html"  # evaluate / champion
 DECISION_FILE = "decision.json"  # promote
+DATA_REPORT_FILE = "data_report.json"  # prepare: the data against the champion's
+IMAGE_INDEX_FILE = "image_index.csv"  # prepare: one row per image (id, lesion, dx, sha256, ...)
+TENSORBOARD_DIR = "tensorboard"  # train / finetune: event files, uploaded after every epoch
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,12 @@ def models_uri(store_uri: str) -> str:
     return f"{store_uri.rstrip('/')}/{MODELS}"
 
 
+VERSIONS = "versions"  # every version's prefix, relative to `models_uri`
+
+
 def version_key(n: int) -> str:
     """Version n's prefix, relative to `models_uri`."""
-    return f"versions/{n}"
+    return f"{VERSIONS}/{n}"
 
 
 def serving_key(n: int) -> str:

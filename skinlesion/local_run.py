@@ -6,7 +6,7 @@ import sys
 
 from skinlesion import config, logs
 from skinlesion.classes import CLASSES
-from skinlesion.layout import METRICS_FILE, REPORT_FILE, RunLayout
+from skinlesion.layout import METRICS_FILE, REPORT_FILE, RunLayout, models_uri
 from skinlesion.manifest import read_manifest, read_result
 from skinlesion.pipeline import LocalExecutor, RunReport, run_pipeline
 from skinlesion.results import PromoteResult
@@ -68,7 +68,21 @@ def print_summary(layout: RunLayout, report: RunReport) -> None:
     if read_manifest(promote) is not None:
         decision = read_result(promote, PromoteResult, "promote")[1].decision
         print(f"\npromotion: {decision['promoted']} ({decision['reason']})", file=out)
+        if decision.get("version") is not None:
+            print(_version_line(layout, decision["version"]), file=out)
     print(f"\nreport: {evaluate.uri}/{REPORT_FILE}", file=out)
+
+
+def _version_line(layout: RunLayout, n: int) -> str:
+    """Which version the run registered, its aliases and where its SavedModel is."""
+    from skinlesion import registry
+
+    models = open_store(models_uri(layout.store))
+    _, reg = registry.read_raw(models)
+    aliases = ", ".join(registry.aliases_of(reg, n)) or "no alias"
+    served = registry.entry(reg, n).get("serving")
+    where = f"SavedModel {models.uri}/{served}" if served else "no SavedModel exported"
+    return f"model version {n} ({aliases}): {where}"
 
 
 def run_local(cfg: config.PipelineConfig, store_uri: str, raw_uri: str | None, run_id: str) -> int:

@@ -1,8 +1,9 @@
 """Structured logging, configured once per process at the entrypoint.
 
 JSON lines when stderr is not a terminal (pods), a readable console otherwise.
-Every line carries `run_id` and `stage` (bound with `bind`). Progress is a tqdm
-bar on a terminal and a log line every few percent in a pod.
+Every line carries `run_id` and `stage` (bound with `bind`). Progress of every long
+step (`Progress`, `progress`) is a tqdm bar on a terminal and, in a pod, a structured
+`progress` line at most every `PROGRESS_EVERY_S` seconds plus one when the step ends.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from types import TracebackType
 from typing import Any, TypeVar
 
 import structlog
@@ -152,24 +154,109 @@ def get(name: str | None = None) -> Any:
     return structlog.get_logger(name)
 
 
-def progress(items: Iterable[T], total: int | None, desc: str, every_pct: int = 10) -> Iterator[T]:
-    """Yield items, showing a tqdm bar on a terminal or periodic log lines otherwise."""
-    if is_terminal():
-        from tqdm import tqdm
+PROGRESS_EVERY_S = 30.0  # in a pod: at most one progress line per step this often
 
-        yield from tqdm(items, total=total, desc=desc, unit="it", dynamic_ncols=True)
-        return
-    log = get()
-    start = time.monotonic()
-    step = max(1, (total or 0) * every_pct // 100) if total else 1000
-    for done, item in enumerate(items, start=1):
-        yield item
-        if done % step == 0 or done == total:
-            elapsed = time.monotonic() - start
-            log.info(
-                "progress",
-                task=desc,
-                done=done,
+
+class Progress:
+    """Progress of one long step: a tqdm bar on a terminal; otherwise a `progress` log
+    line (task, done, total, percent, rate, elapsed and ETA in seconds) at most every
+    `every_s` seconds and one when the step is closed. `clock` is injectable (tests)."""
+
+    def __init__(
+        self,
+        task: str,
+        total: float | None,
+        unit: str = "it",
+        *,
+        every_s: float = PROGRESS_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+        terminal: bool | None = None,
+    ) -> None:
+        self.task, self.total, self.unit = task, total, unit
+        self.every_s, self.clock = every_s, clock
+        self.done: float = 0
+        self.start = self.last = clock()
+        self.closed = False
+        self.bar: Any = None
+        if is_terminal() if terminal is None else terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
                 total=total,
-                rate_per_s=round(done / elapsed, 1) if elapsed > 0 else None,
+                desc=task,
+                unit=unit,
+                unit_scale=unit == "B",
+                dynamic_ncols=True,
+                file=sys.stderr,
             )
+
+    def update(self, n: float = 1, **shown: Any) -> None:
+        """`n` more units done; `shown` (e.g. loss) goes on the bar, not in the log lines."""
+        self.done += n
+        if self.bar is not None:
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(n)
+            return
+        now = self.clock()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self._line(now)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._line(self.clock(), finished=True)
+
+    def _line(self, now: float, finished: bool = False) -> None:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else None
+        left = None if self.total is None else max(0.0, self.total - self.done)
+        eta = round(left / rate, 1) if left is not None and rate else None
+        get().info(
+            "progress",
+            task=self.task,
+            done=_num(self.done),
+            total=None if self.total is None else _num(self.total),
+            unit=self.unit,
+            percent=round(100 * self.done / self.total, 1) if self.total else None,
+            rate_per_s=None if rate is None else round(rate, 2),
+            elapsed_s=round(elapsed, 1),
+            eta_s=0.0 if finished and left == 0 else eta,
+            finished=finished,
+        )
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _num(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(value, 1)
+
+
+def progress(
+    items: Iterable[T],
+    total: float | None,
+    desc: str,
+    unit: str = "it",
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    terminal: bool | None = None,
+) -> Iterator[T]:
+    """Yield `items`, counting them on a `Progress` (closed when the items run out)."""
+    with Progress(desc, total, unit, clock=clock, terminal=terminal) as bar:
+        for item in items:
+            yield item
+            bar.update()

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from skinlesion import __version__, logs
+from skinlesion import __version__, faults, logs
 from skinlesion.errors import InputError, StageFailed
 from skinlesion.results import SCHEMA_VERSION, VERSION_FIELD, R, Result, parse_result
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store, put_json
+from skinlesion.storage.base import Upload
 
 MANIFEST = "manifest.json"
 OWNER = "owner.json"  # the owner mark, written before a stage's first write to a prefix
@@ -253,16 +254,26 @@ def _outputs(work: Path, what: str) -> list[Path]:
     return paths
 
 
-def publish(out: Store, work: Path, manifest: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """Upload every file of `work` to the claimed, cleared `out`, then the manifest (plus
-    the file list) last: the commit mark."""
-    paths = _outputs(work, what)
-    keys = [path.relative_to(work).as_posix() for path in paths]
-    digests = out.put_files(list(zip(paths, keys, strict=True)))  # in parallel on S3
-    files: dict[str, dict[str, Any]] = {
-        key: {"sha256": digest, "size": path.stat().st_size}
-        for path, key, digest in zip(paths, keys, digests, strict=True)
-    }
+def publish(
+    out: Store, work: Path, manifest: Mapping[str, Any], what: str, last: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Upload every file of `work` to the claimed, cleared `out` (several at once on S3;
+    the keys in `last` after all the others, for readers that poll for one file), then
+    the manifest (plus the file list) last: the commit mark."""
+    files: dict[str, dict[str, Any]] = {}
+    items = [(path, path.relative_to(work).as_posix()) for path in _outputs(work, what)]
+    sizes = {key: Path(path).stat().st_size for path, key in items}
+    with logs.Progress(f"{what} upload", sum(sizes.values()), "B") as bar:
+
+        def done(item: Upload) -> None:
+            bar.update(sizes[item[1]])
+
+        for batch in (
+            [item for item in items if item[1] not in last],
+            [item for item in items if item[1] in last],
+        ):
+            for (_, key), digest in zip(batch, out.put_files(batch, done), strict=True):
+                files[key] = {"sha256": digest, "size": sizes[key]}
     committed = {**manifest, VERSION_FIELD: SCHEMA_VERSION, "files": files}
     put_json(out, MANIFEST, committed)  # the commit mark, written last
     return committed
@@ -293,7 +304,7 @@ def commit_stage(
     existing = _manifest_or_none(out)
     if existing is not None and _current(existing, fp) and not force:
         log.info("stage_already_done", out=out.uri, fingerprint=fp[:12])
-        _drop_state(out)  # left behind if a crash came between commit and clean-up
+        drop_state(out)  # left behind if a crash came between commit and clean-up
         return existing
     check_owned(stage, out)  # read-only: refuses foreign data before anything is written
 
@@ -302,6 +313,7 @@ def commit_stage(
         # A committed prefix with other settings/inputs (or --force) is stale: uncommit,
         # clear. An uncommitted own prefix is a crashed attempt: keep its resume state.
         clear(out, keep_state=existing is None and not force)
+        faults.point("commit.claimed")
 
     if claim_first:
         take()
@@ -330,11 +342,12 @@ def commit_stage(
             },
             stage,
         )
-    _drop_state(out)
+    faults.point("commit.manifest")
+    drop_state(out)
     return manifest
 
 
-def _drop_state(out: Store) -> None:
+def drop_state(out: Store) -> None:
     """Resume state is useless once the stage is committed."""
     for obj in out.list(STATE_PREFIX):
         out.delete(obj.key)

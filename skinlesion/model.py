@@ -15,7 +15,9 @@ without custom objects.
 Weights (`train.weights`): "imagenet" (Keras download), "none" (random; the
 whole base is trained, with BatchNorm in training mode) or the store URI of a
 `.weights.h5` file of the base alone (air-gapped clusters; write one with
-`save_base_weights` / `python -m skinlesion.model mirror ...`).
+`save_base_weights` / `python -m skinlesion.model mirror ...`, which record the backbone
+in the file). A file that does not fit is refused naming both backbones: the recorded
+one, or else the known backbone it does load into.
 
 Fine-tuning unfreezes the backbone's last block, selected by layer-name
 prefixes (skinlesion/backbones.py); BatchNorm layers stay frozen, hence in inference mode.
@@ -44,6 +46,8 @@ HEAD_LAYERS = ("head_pool", "head_dense", "head_dropout", "predictions")
 # Normalization layer (keras issue tensorflow#49930); a base built without it and loaded
 # from a mirrored ImageNet file gets the same effect through the Normalization variance.
 _IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+BACKBONE_ATTR = "skinlesion_backbone"  # HDF5 attribute: the backbone a weights file holds
+_PROBE_SIZE = 32  # input side for building backbones to identify a weights file
 
 
 def _keras() -> Any:
@@ -243,8 +247,16 @@ def load_base_weights(base: Any, uri: str) -> None:
                 base.load_weights(local)
         except (ValueError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            mine = base.name.lower()
+            held = _weights_backbone(local, mine)
+            if held is None:
+                what = "weights of another model"
+            elif held == mine:
+                what = f"{held} weights with other layer shapes"
+            else:
+                what = f"{held} weights"
             raise InputError(
-                f"weights file {uri} does not fit backbone {base.name}: {first}"
+                f"weights file {uri} holds {what}, not {mine} weights (train.backbone): {first}"
             ) from None
     _fix_efficientnet_imagenet_normalization(base)
     logs.get().info("weights_loaded", uri=uri, backbone=base.name)
@@ -267,12 +279,43 @@ def _fix_efficientnet_imagenet_normalization(base: Any) -> None:
         norm.finalize_state()
 
 
+def _weights_backbone(path: Path, other_than: str) -> str | None:
+    """The backbone a weights file holds: as recorded by `save_base_weights`, else the first
+    other known backbone it loads into (None: not HDF5, or no known backbone)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            recorded = f.attrs.get(BACKBONE_ATTR)
+    except OSError:
+        return None
+    if recorded is not None:
+        return str(recorded)
+    for name in reversed(BACKBONES):  # the table lists the largest first: try small ones first
+        if name == other_than:
+            continue
+        probe = build_base(name, _PROBE_SIZE)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                probe.load_weights(path)
+        except (ValueError, OSError):
+            continue
+        return name
+    return None
+
+
 def save_base_weights(base: Any, uri: str) -> str:
-    """Write the backbone's weights to a `.weights.h5` store URI; returns its SHA-256."""
+    """Write the backbone's weights to a `.weights.h5` store URI, with the backbone's name
+    (BACKBONE_ATTR); returns its SHA-256."""
+    import h5py
+
     store, key = _split_uri(uri)
     with tempfile.TemporaryDirectory(prefix="skinlesion-weights-") as tmp:
         local = Path(tmp) / key
         base.save_weights(local)
+        with h5py.File(local, "a") as f:
+            f.attrs[BACKBONE_ATTR] = base.name.lower()
         return store.put_file(local, key)
 
 

@@ -19,13 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from skinlesion import cancel, config, logs, runlock
+from skinlesion import cancel, config, faults, logs, runlock
 from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
 from skinlesion.fields import to_flags
 from skinlesion.layout import RunLayout
-from skinlesion.manifest import fingerprint, input_fingerprints, is_done
-from skinlesion.obs import run_end
+from skinlesion.manifest import drop_state, fingerprint, input_fingerprints, is_done
+from skinlesion.obs import mlflow_log, run_end
 from skinlesion.obs.pushgateway import ATTEMPT_ENV
 from skinlesion.stages import INPUTS, STAGES, Stage
 from skinlesion.storage import check_inside, open_store
@@ -76,7 +76,10 @@ def plan(
         "model": model,
         "candidate": uri("evaluate"),
     }
-    extra = {"promote": ("--target", layout.champion_uri)}
+    extra = {
+        "prepare": ("--champion", layout.champion_uri),  # the data report's comparison
+        "promote": ("--target", layout.champion_uri),
+    }
     calls: list[StageCall] = []
     for stage in STAGES:
         if not enabled.get(stage.name, True):
@@ -214,12 +217,13 @@ def run_pipeline(
         check_inside(layout.store, uri)
     with runlock.hold(open_store(layout.run_uri), layout.run_id, lock_ttl_s) as lock:
         start, report, error = time.monotonic(), RunReport(layout.run_id), None
+        mlflow_log.start_run(layout.run_id, config.to_dict(cfg))  # off unless configured
         try:
             return _run_stages(cfg, layout, executor, raw_uri, retry_delay_s, lock, report)
         except BaseException as exc:
             error = exc
             raise
-        finally:  # Pushgateway run state and the run-end webhook (each off unless set)
+        finally:  # Pushgateway run state, run-end webhook, MLflow status (each off unless set)
             done = sum(s.status == "done" for s in report.stages)
             run_end.report(layout, error, time.monotonic() - start, done)
 
@@ -242,6 +246,7 @@ def _run_stages(
         expected = expected_fingerprint(call)
         if is_done(out, expected):
             log.info("stage_skipped", step=name, reason="done with the same inputs and settings")
+            drop_state(out)  # resume state of an attempt killed right after its commit
             report.stages.append(StageReport(name, "skipped", out_uri=call.out_uri))
             continue
         # Attempt numbers go on from earlier processes' (their Jobs and logs are kept);
@@ -292,4 +297,5 @@ def _run_stages(
         seconds = time.monotonic() - start
         log.info("stage_done", step=name, attempts=tries, seconds=round(seconds, 1))
         report.stages.append(StageReport(name, "done", tries, seconds, call.out_uri))
+        faults.point("stage_done")
     return report

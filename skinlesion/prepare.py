@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from skinlesion import config, ham10000, logs
+from skinlesion import config, data_report, faults, ham10000, logs
 from skinlesion.classes import CLASSES, INDEX
 from skinlesion.imaging import (
     ResizeJob,
@@ -78,16 +78,17 @@ def _results(
 
 
 def _write_shards(
-    split: Split, cfg: config.PrepareConfig, raw: Store, work: Path
+    split: Split, cfg: config.PrepareConfig, raw: Store, work: Path, index: list[dict[str, Any]]
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, str]], dict[str, pd.DataFrame]]:
-    """Resize every image and write the shards; returns shards, skipped, rows written."""
+    """Resize every image and write the shards, one `index` row per image kept; returns
+    shards, skipped, rows written."""
     log = logs.get()
     rows = _ordered_rows(split)
     skipped: list[dict[str, str]] = []
     kept: list[bool] = []
     with contextlib.ExitStack() as stack:
         writers = {s: stack.enter_context(ShardWriter(work, s, cfg.shard_size)) for s in SIDES}
-        for row, result in logs.progress(_results(rows, cfg, raw), len(rows), "prepare"):
+        for row, result in logs.progress(_results(rows, cfg, raw), len(rows), "prepare", "image"):
             kept.append(result.jpeg is not None)
             if result.jpeg is None:
                 log.warning("image_skipped", image_id=row.image_id, reason=result.error)
@@ -95,15 +96,26 @@ def _write_shards(
                 continue
             example = Example(result.jpeg, INDEX[row.dx], row.image_id, row.lesion_id)
             writers[row.side].write(example)
+            assert result.stats is not None
+            index.append(
+                data_report.index_row(row.image_id, row.lesion_id, row.dx, row.side, result.stats)
+            )
+            faults.point("image")
         shards = {side: writer.close() for side, writer in writers.items()}
     written = rows[kept]
     return shards, skipped, {side: written[written["side"] == side] for side in SIDES}
 
 
 def run_prepare(
-    cfg: config.PrepareConfig, raw: Store, out: Store, force: bool = False
+    cfg: config.PrepareConfig,
+    raw: Store,
+    out: Store,
+    force: bool = False,
+    champion: Store | None = None,
 ) -> dict[str, Any]:
-    """Validate, split, resize and shard the tree at `raw` into `out`; the manifest."""
+    """Validate, split, resize and shard the tree at `raw` into `out`; the manifest. The
+    data report compares the images with the training data of the `champion` prefix's
+    model (…/models/latest) at this time; not an input: it does not change the shards."""
     log = logs.get()
     settings = config.stage_settings("prepare", cfg)
     inputs = input_fingerprints({"raw": raw.uri})
@@ -120,7 +132,8 @@ def run_prepare(
             )
         split = make_split(data.metadata, cfg.split, cfg.val_fraction, cfg.seed)
         log.info("split", **split.summary(), images=len(data.metadata))
-        shards, skipped, written = _write_shards(split, cfg, raw, work)
+        index: list[dict[str, Any]] = []
+        shards, skipped, written = _write_shards(split, cfg, raw, work, index)
         result = Split(split.method, written["train"], written["val"])
         if skipped:
             check_every_class(result, len(skipped))  # skipping may have emptied a class
@@ -131,6 +144,14 @@ def run_prepare(
             f"HAM10000 {split.method} split{' (SYNTHETIC data)' if data.synthetic else ''}",
         )
         (work / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+        report = data_report.write(work, index, champion)
+        log.info(
+            "data_report",
+            duplicates_across_lesions=report["duplicates"]["across_lesions"],
+            champion_version=(report["champion"] or {}).get("version"),
+            drift=report["drift"]["flagged"],
+            drift_checked=report["drift"]["checked"],
+        )
         seconds = time.monotonic() - start
         n_images = sum(sum(c.values()) for c in counts.values())
         log.info(

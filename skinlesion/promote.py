@@ -8,8 +8,11 @@ interval of candidate minus champion in `metric` (balanced accuracy by default) 
 exceed `min_improvement`, and the candidate's melanoma recall must not drop by more than
 `melanoma_recall_margin`. Where no paired comparison is possible (an old champion without
 predictions whose candidate data is gone), the point gain is compared and the decision
-says so. With no champion the candidate is promoted. The decision and both scores are
-recorded either way, in `runs/<id>/promote/decision.json` and in that prefix's manifest.
+says so. With no champion the candidate is promoted. With `require_no_drift` a promotion
+is held for review when prepare's data report flags drift (data_report.py). The decision
+and both scores are recorded either way, in `runs/<id>/promote/decision.json` and in that
+prefix's manifest. A registered version also gets its SavedModel (serving.py) unless
+`serving_export` is off.
 
 The champion prefix follows the commit protocol too: the old `manifest.json`
 is removed first, the files are copied, the new manifest is written last, so
@@ -23,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import bootstrap, config, fair, logs, registry
+from skinlesion import bootstrap, config, data_report, fair, logs, registry, serving
 from skinlesion.classes import MELANOMA
 from skinlesion.errors import DamagedRun, InputError
 from skinlesion.layout import (
@@ -43,7 +46,6 @@ from skinlesion.manifest import (
     commit_stage,
     input_fingerprints,
     publish,
-    read_manifest,
     read_result,
 )
 from skinlesion.metrics import compute_metrics, headline
@@ -52,7 +54,6 @@ from skinlesion.results import (
     EvaluateResult,
     PromoteResult,
     TrainResult,
-    parse_result,
 )
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store, get_json, open_store
@@ -148,15 +149,7 @@ def publish_champion(
 
 
 def _champion(target: Store) -> tuple[int | None, ChampionResult, Store] | None:
-    """(version, manifest, prefix) of the champion, read through the registry next to
-    `target`; a champion written before the registry existed is read from `target`."""
-    found = registry.champion(registry.models_of_champion(target))
-    if found is not None:
-        return found
-    manifest = read_manifest(target)
-    if manifest is None:
-        return None
-    return None, parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}"), target
+    return registry.champion_of(target)  # a module-level name: tests replace it (stale reads)
 
 
 _OPTIONAL = (REPORT_FILE, PREDICTIONS_FILE)  # a champion's files an evaluation may lack
@@ -226,6 +219,7 @@ def run_promote(
         cand = _scores(metrics, cfg.metric)
         found = _champion(target)
         champ: dict[str, Any] | None = None
+        held = ""
         same_val: bool | None = None
         version: int | None = None
         paired: dict[str, Any] | None = None
@@ -254,21 +248,42 @@ def run_promote(
         def redecide(n: int, current: ChampionResult, store: Store) -> tuple[bool, str]:
             return judge(*against(n, current, store))
 
+        already = "already the champion (an earlier attempt promoted it)"
+        if found is not None and found[1].model_sha256 == model_sha and found[0] is not None:
+            # An attempt of this promotion stopped after moving the alias: finish its copy
+            # to `latest`, and decide against the champion it replaced, as it did.
+            version = found[0]
+            models = registry.models_of_champion(target)
+            registry.sync_latest(models)
+            found = registry.replaced_by(models, version)
         if found is not None:
             champ, paired = against(*found)
             same_val = found[1].val_data_fingerprint == evaluation["inputs"]["val_data"]
-        if found is not None and found[1].model_sha256 == model_sha:
-            promoted, reason = True, "already the champion (an earlier attempt promoted it)"
-            version = found[0]
+        if version is not None:
+            won, reason = judge(champ, paired)
+            promoted, reason = True, reason if won else already
+        elif found is not None and found[1].model_sha256 == model_sha:
+            promoted, reason = True, already  # a champion written before the registry
         else:
             promoted, reason = judge(champ, paired)
+            if promoted and cfg.require_no_drift and found is not None:
+                held = data_report.held_for_review(candidate.uri, evaluation)
+                if held:  # a reviewer releases it: rerun with promote.require_no_drift=false
+                    promoted, reason = False, f"held for review: {held}; otherwise: {reason}"
             if promoted:
                 check_disjoint(
                     CHAMPION_STAGE, target.uri, {"model": model.uri, "candidate": candidate.uri}
                 )
                 check_owned(CHAMPION_STAGE, target)
-                with scratch_dir("skinlesion-promote-") as files:
+                with (
+                    scratch_dir("skinlesion-promote-") as files,
+                    scratch_dir("skinlesion-serving-") as saved,
+                ):
                     _download(model, candidate, files)
+                    export = None
+                    if cfg.serving_export:  # built before a version number is claimed
+                        built = serving.build(files / MODEL_FILE, evaluated.preprocessing, saved)
+                        export = (saved, {**built, "model_sha256": model_sha, "run_id": run_id})
                     registered = registry.register(
                         registry.models_of_champion(target),
                         files,
@@ -299,6 +314,7 @@ def run_promote(
                         registry.lineage(candidate, [evaluation, model_manifest]),
                         found[0] if found is not None else None,
                         redecide,
+                        export,
                     )
                 version = registered.version
                 if not registered.champion:
@@ -315,6 +331,7 @@ def run_promote(
             "champion": champ,
             "same_val_data": same_val,
             "comparison": paired,  # both on the candidate's images, or None
+            "held_for_review": bool(held),
             "version": version,
             "run_id": run_id,
             "target": target.uri,

@@ -4,24 +4,29 @@ Every promotion writes a new version `versions/<n>/` (claimed with put_bytes_if_
 its owner.json, files uploaded, manifest.json last; never rewritten), then moves the
 `champion` alias in `registry.json` by compare-and-swap (the old champion becomes
 `previous`), then copies the champion version to `models/latest` for existing readers.
-The registry is the truth; `latest` is its copy, resynced after every alias move.
+The registry is the truth; `latest` is its copy, resynced after every alias move, by one
+writer at a time (the lock object `models/lock.json`, runlock.py): two promoters copying
+at once would leave one's manifest over the other's files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from skinlesion import logs
-from skinlesion.errors import InputError
+from skinlesion import logs, runlock
+from skinlesion.errors import InputError, StoreError
 from skinlesion.layout import (
     LATEST_KEY,
     REGISTRY_FILE,
+    VERSIONS,
     serving_key,
     sibling_stage_uri,
     version_key,
@@ -37,11 +42,14 @@ from skinlesion.manifest import (
 )
 from skinlesion.results import SCHEMA_VERSION, ChampionResult, parse_result
 from skinlesion.scratch import scratch_dir
+from skinlesion.serving import publish_export
 from skinlesion.storage import Store, download_prefix, get_json, open_store
 
 IMAGE_TAG_ENV = "SKINLESION_IMAGE_TAG"
 CHAMPION_ALIAS, PREVIOUS_ALIAS = "champion", "previous"
 MAX_TRIES = 50  # compare-and-swap retries before giving up on a hot registry
+LATEST_WRITER = "latest"  # the holder name in models/lock.json while `latest` is rewritten
+LATEST_WAIT_S = 600.0  # how long a promoter waits for another one's copy to `latest`
 
 
 def models_of_champion(target: Store) -> Store:
@@ -94,13 +102,36 @@ def champion(models: Store) -> tuple[int, ChampionResult, Store] | None:
     """(version, its manifest, its prefix) of the `champion` alias, or None."""
     _, registry = read_raw(models)
     n = registry["aliases"].get(CHAMPION_ALIAS)
-    if n is None:
-        return None
+    return None if n is None else _version(models, n)
+
+
+def replaced_by(models: Store, n: int) -> tuple[int, ChampionResult, Store] | None:
+    """The champion that version n replaced when it was promoted (None: there was none)."""
+    _, registry = read_raw(models)
+    moves = [h for h in registry["history"] if h["action"] == "promote" and h["champion"] == n]
+    before = moves[-1]["from"] if moves else None
+    return None if before is None else _version(models, before)
+
+
+def _version(models: Store, n: int) -> tuple[int, ChampionResult, Store]:
     store = models.child(version_key(n))
     manifest = read_manifest(store)
     if manifest is None:
         raise InputError(f"{store.uri}: the champion version has no {MANIFEST}")
     return n, parse_result(ChampionResult, manifest, f"{store.uri}/{MANIFEST}"), store
+
+
+def champion_of(target: Store) -> tuple[int | None, ChampionResult, Store] | None:
+    """(version, manifest, prefix) of the champion, read through the registry next to the
+    champion prefix `target`; a champion written before the registry existed is read from
+    `target` (version None)."""
+    found = champion(models_of_champion(target))
+    if found is not None:
+        return found
+    manifest = read_manifest(target)
+    if manifest is None:
+        return None
+    return None, parse_result(ChampionResult, manifest, f"champion {target.uri}/{MANIFEST}"), target
 
 
 def lineage(candidate: Store, manifests: list[dict[str, Any]]) -> dict[str, str]:
@@ -129,8 +160,29 @@ def lineage(candidate: Store, manifests: list[dict[str, Any]]) -> dict[str, str]
     return dict(sorted(found.items()))
 
 
+def _unlisted_claim(models: Store, registry: dict[str, Any], run_id: str) -> int | None:
+    """A version this run claimed but never listed (its promotion was killed before the
+    registry named it: no reader knows it), to be reused instead of left half-written."""
+    listed = {e["version"] for e in registry["versions"]}
+    for obj in models.list(VERSIONS):
+        n_text, _, name = obj.key.removeprefix(f"{VERSIONS}/").partition("/")
+        if name != OWNER or not n_text.isdigit() or int(n_text) in listed:
+            continue
+        mark = get_json(models, obj.key)
+        if isinstance(mark, dict) and mark.get("run_id") == run_id:
+            return int(n_text)
+    return None
+
+
 def _claim_version(models: Store, registry: dict[str, Any], run_id: str) -> int:
-    """The next free version number, claimed: exactly one claimer wins each n."""
+    """The next free version number, claimed: exactly one claimer wins each n. A version
+    this run claimed before without listing it is cleared and reused (one writer per run:
+    the run lock)."""
+    mine = _unlisted_claim(models, registry, run_id)
+    if mine is not None:
+        clear(models.child(version_key(mine)), keep_state=False)
+        logs.get().warning("version_reclaimed", version=mine, reason="an earlier attempt stopped")
+        return mine
     n = max((e["version"] for e in registry["versions"]), default=0) + 1
     owner = {"run_id": run_id, "pid": os.getpid(), "created_at": _now()}
     while not models.put_bytes_if_absent(
@@ -157,8 +209,10 @@ def register(
     stages: dict[str, str],
     compared_with: int | None,
     redecide: Redecide,
+    serving: tuple[Path, dict[str, Any]] | None = None,
 ) -> Registered:
-    """Commit `work`'s files as a new version and make it the champion, unless another
+    """Commit `work`'s files as a new version (and `serving`'s SavedModel directory and
+    manifest fields as its serving export) and make it the champion, unless another
     promoter moved the champion since the decision (`compared_with`) and `redecide`
     against the new one says no: then the version is listed without an alias."""
     _, registry = read_raw(models)
@@ -167,6 +221,8 @@ def register(
     )  # checks the fields before anything is written
     n = _claim_version(models, registry, result.run_id)
     publish(models.child(version_key(n)), work, {**fields, "version": n}, "champion")
+    if serving is not None:  # committed before any alias can name the version
+        publish_export(models.child(serving_key(n)), serving[0], {**serving[1], "version": n})
     record = {
         "version": n,
         "run_id": result.run_id,
@@ -180,6 +236,7 @@ def register(
         "image_size": result.image_size,
         "created_at": _now(),
         "image_tag": os.environ.get(IMAGE_TAG_ENV, ""),
+        "serving": serving_key(n) if serving is not None else None,  # under models/
     }
     expected, reason = compared_with, ""
     for _ in range(MAX_TRIES):
@@ -241,9 +298,35 @@ def rollback(models: Store, to: int | None = None) -> dict[str, Any]:
     raise InputError(f"{models.uri}/{REGISTRY_FILE}: too many concurrent updates, retry")
 
 
+@contextmanager
+def _latest_writer(models: Store) -> Iterator[None]:
+    """Hold the lock of `latest`'s writer, waiting while another promoter holds it (a
+    dead holder's lock is taken over: runlock.py)."""
+    lock = runlock.RunLock(models, LATEST_WRITER)
+    deadline = time.monotonic() + LATEST_WAIT_S
+    while True:
+        try:
+            lock.acquire()
+            break
+        except runlock.RunLocked as exc:
+            if time.monotonic() > deadline:
+                raise StoreError(f"{models.uri}: {LATEST_KEY} is being rewritten: {exc}") from None
+            time.sleep(0.2)
+    lock.start_heartbeat()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def sync_latest(models: Store) -> None:
     """Copy the champion version to `latest` (commit protocol: manifest removed first,
     written last) until `latest` holds what the registry names, also after a race."""
+    with _latest_writer(models):
+        _copy_champion(models)
+
+
+def _copy_champion(models: Store) -> None:
     latest = models.child(LATEST_KEY)
     for _ in range(MAX_TRIES):
         now = champion(models)

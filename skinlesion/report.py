@@ -63,6 +63,7 @@ class ReportInputs:
     training_plots: Sequence[tuple[str, Path]] = ()
     data_plots: Sequence[tuple[str, Path]] = ()
     data_manifest: Mapping[str, Any] | None = None  # the prepare manifest
+    data_report: Mapping[str, Any] | None = None  # prepare's data_report.json
     augment_manifest: Mapping[str, Any] | None = None
     model_manifest: Mapping[str, Any] | None = None
     evaluate_settings: Mapping[str, Any] = field(default_factory=dict)
@@ -300,6 +301,10 @@ def render(inputs: ReportInputs) -> str:
     body.append("<h2>Dataset and split</h2>")
     body.append(_data_section(data, inputs.augment_manifest))
     body.extend(_figure(c, p) for c, p in inputs.data_plots)
+    body.append("<h2>Data against the champion</h2>")
+    from skinlesion.report_data import section  # it formats with this module's helpers
+
+    body.append(section(inputs.data_report))
     body.append("<h2>Model and settings</h2>")
     body.append("<h3>Model</h3>")
     body.append(_model_summary(inputs.model_manifest))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from skinlesion import logs
 from skinlesion.errors import InputError
 from skinlesion.results import Shards
 from skinlesion.storage import Store
@@ -71,7 +72,9 @@ def encode(ex: Example) -> bytes:
         for name, kind in FEATURES.items()
     }
     proto = tf.train.Example(features=tf.train.Features(feature=feature))
-    return bytes(proto.SerializeToString())
+    # Map entries in key order: the same example is the same bytes in every process, so a
+    # rerun writes the same shards and the stages after it keep their fingerprints.
+    return bytes(proto.SerializeToString(deterministic=True))
 
 
 def parse(serialized: Any, names: tuple[str, ...] = tuple(FEATURES)) -> dict[str, Any]:
@@ -195,5 +198,6 @@ def fetch_split(store: Store, listed: Shards, split: str, dest: Path) -> list[Pa
         (shard["file"], dest / split / shard["file"])
         for shard in split_shards(listed, split, store.uri)
     ]
-    store.get_files(items)  # in parallel on S3
+    with logs.Progress(f"{split} download", len(items), "shard") as bar:
+        store.get_files(items, lambda _: bar.update())  # in parallel on S3
     return [path for _, path in items]

@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from skinlesion import logs
+from skinlesion import faults, logs
 from skinlesion.manifest import STATE_PREFIX
 from skinlesion.storage import Store, get_json, put_json
 
@@ -95,6 +95,7 @@ class StateBackup:
         model.save(local)
         state.model_key = f"{STATE_PREFIX}/{tag}.keras"
         self.out.put_file(local, state.model_key)
+        faults.point("backup.model")
         local.unlink()
         best = self.best_changed and self.best_file.exists()
         if best:
@@ -102,6 +103,7 @@ class StateBackup:
             self.out.put_file(self.best_file, state.best_key)
         state.fingerprint = self.fp
         put_json(self.out, STATE_JSON, asdict(state))
+        faults.point("backup.state")
         keep = {STATE_JSON, state.model_key, state.best_key}
         for obj in self.out.list(STATE_PREFIX):
             if obj.key not in keep:

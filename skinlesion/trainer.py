@@ -20,16 +20,17 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
-from skinlesion import config, feature_cache, logs, train_seeds
+from skinlesion import config, faults, feature_cache, logs, train_seeds
 from skinlesion import model as model_lib
 from skinlesion.classes import CLASSES
 from skinlesion.errors import Terminated
 from skinlesion.feature_cache import CachePlan
 from skinlesion.layout import MODEL_FILE
+from skinlesion.obs.tensorboard_log import EventLog
 from skinlesion.plots.training import training_curves
 from skinlesion.results import TrainResult
 from skinlesion.storage import get_json
-from skinlesion.train_callbacks import EpochBackup, TrainCallbacks
+from skinlesion.train_callbacks import EpochBackup, StepProgress, TrainCallbacks, TrainTelemetry
 from skinlesion.train_data import TrainData, class_weights
 from skinlesion.train_inputs import Inputs, memory_budget
 from skinlesion.train_models import InitModel, phase_models
@@ -143,6 +144,7 @@ class Trainer:
             seconds=round(seconds, 1),
             images_per_s=round(ips, 1),
         )
+        faults.point("epoch")
         self.backups.save(st, model, f"epoch-{epoch + 1:04d}")
 
     def stop_reason(self, epochs_done: int) -> str:
@@ -172,6 +174,10 @@ class Trainer:
             gpus=runtime.gpus,
             replicas=runtime.replicas,
             mixed_precision=runtime.mixed_precision,
+        )
+        stage = STAGE_OF_PHASE[self.phase]  # TensorBoard events and MLflow metrics per epoch
+        self.telemetry = TrainTelemetry(
+            stage, st, EventLog(work, self.backups.out), self.steps_per_epoch
         )
         with runtime.strategy.scope():
             if self.resumed_from is not None:
@@ -212,8 +218,13 @@ class Trainer:
                     *self.callbacks.stoppers.values(),
                     self.callbacks.checkpoint,
                     backup,
+                    self.telemetry,  # after the backup: logs what the state holds
+                    StepProgress(
+                        STAGE_OF_PHASE[self.phase], self.total_epochs, self.steps_per_epoch
+                    ),
+                    *faults.keras_callbacks(),
                 ],
-                verbose=1 if logs.is_terminal() else 0,
+                verbose=0,  # StepProgress: a bar on a terminal, progress lines in a pod
                 shuffle=False,  # the dataset shuffles itself
             )
         except Terminated:
@@ -248,6 +259,7 @@ class Trainer:
             final = model_lib.build_for_config(cfg, data.image_size, load_weights=False)
             model_lib.set_model_weights(final, full.get_weights())
             final.save(work / MODEL_FILE)
+        self.telemetry.finish(model.optimizer, final, data.val_paths, self.batch_size)
         history = {"phase": self.phase, **st.history}
         (work / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         phases: list[tuple[str, Any]] = []

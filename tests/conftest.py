@@ -10,11 +10,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from skinlesion.storage import FileStore, S3Store, open_store
-from tests import s3server
+from tests import docker_engine, s3server
+from tests.obs_servers import mlflow_uri, pushgateway_url  # noqa: F401  (session fixtures)
 
 # Variables that could point boto3 somewhere else than the test server, or read a
 # developer's real profile: removed for the session, restored afterwards.
@@ -77,3 +79,28 @@ def file_store(tmp_path: Path) -> FileStore:
     store = open_store(str(tmp_path / "store"))
     assert isinstance(store, FileStore)
     return store
+
+
+# --- the container image (tests/test_image.py, tests/test_pods.py) -------------------------
+
+_BUILT: list[docker_engine.Built] = []
+
+
+@pytest.fixture(scope="session")
+def built_image(tmp_path_factory: pytest.TempPathFactory) -> docker_engine.Built:
+    """`make image` once per session (layer cache kept between sessions). Never skips: a
+    machine without a Docker engine fails the tests with what to install."""
+    try:
+        built = docker_engine.build(tmp_path_factory.mktemp("image"))
+    except docker_engine.DockerUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    _BUILT.append(built)
+    return built
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for built in _BUILT:
+        terminalreporter.write_line(
+            f"image {built.name}: {built.size_bytes / 1e6:,.0f} MB; "
+            f"make image took {built.seconds:.1f} s in this session"
+        )

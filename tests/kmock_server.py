@@ -12,7 +12,11 @@ reactions here in the test fixture, what kmock lacks and a real API server has:
   410 Expired ERROR event a real server sends once that version is compacted;
 - `pods/<name>/log` answered as text/plain from `KMock.pod_logs` (honours tailLines);
 - the resources the controller lists declared, so empty lists answer 200, not 404;
-- a short server shutdown timeout, so a watch left open does not stall teardown.
+- a short server shutdown timeout, so a watch left open does not stall teardown;
+- on request (`serve_https`), an HTTPS endpoint for pods (the in-cluster client speaks only
+  TLS) whose requests are authenticated by ServiceAccount token and authorized by the
+  namespace's Roles and RoleBindings, as a real API server does (`authorize`,
+  tests/cluster_auth.py); requests on the plain port (the test harness) are not checked.
 
 `FakeKubelet` stands in for the Job controller and kubelet: it watches the Jobs the
 controller creates and, per a script, "runs" each one — commits the stage's manifest
@@ -29,6 +33,7 @@ import copy
 import itertools
 import json
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,11 +41,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import kmock
 import urllib3
 from kubernetes import client, watch
 
 from skinlesion import config
+from skinlesion.kube_jobs import LABEL_RUN_ID
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import commit_stage, input_fingerprints
 from skinlesion.pipeline import StageCall, plan
@@ -57,7 +64,19 @@ EXPIRED = {
     "reason": "Expired",
     "code": 410,
 }
-RESOURCES = ("batch/v1/jobs", "v1/pods", "coordination.k8s.io/v1/leases")
+RESOURCES = (
+    "batch/v1/jobs",
+    "v1/pods",
+    "coordination.k8s.io/v1/leases",
+    # what a chart installs (tests/test_pods.py installs the rendered objects)
+    "v1/secrets",
+    "v1/configmaps",
+    "v1/serviceaccounts",
+    "rbac.authorization.k8s.io/v1/roles",
+    "rbac.authorization.k8s.io/v1/rolebindings",
+    "networking.k8s.io/v1/networkpolicies",
+    "batch/v1/cronjobs",
+)
 
 
 # --- selectors (what a real API server filters server-side) -------------------------------
@@ -102,6 +121,20 @@ def selected(obj: dict[str, Any], params: Any) -> bool:
 # --- the server -----------------------------------------------------------------------------
 
 
+@attrs.define(kw_only=True)
+class _Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator; a request that came in on the pods' HTTPS port is authorized first
+    (kmock itself stores a created or deleted object before any reaction runs)."""
+
+    pod_port: int | None = None
+    authorize: Callable[[kmock.Request], None] | None = None
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if self.authorize is not None and request.url.port == self.pod_port:
+            self.authorize(request)  # raises kmock.KubernetesError (401, 403)
+        return await super()._handle(request)
+
+
 class KMock:
     """One kmock emulator on a loopback port, served from a private loop in a thread."""
 
@@ -114,7 +147,9 @@ class KMock:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name="kmock", daemon=True)
-        self.emu: kmock.KubernetesEmulator
+        self._tls: list[asyncio.Server] = []
+        self._relayed: dict[asyncio.Task[Any], set[asyncio.StreamWriter]] = {}  # open relays
+        self.emu: _Emulator
         self.url = ""
 
     # lifecycle
@@ -148,13 +183,64 @@ class KMock:
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()
-        self.emu = kmock.KubernetesEmulator()
+        self.emu = _Emulator()
         self._react(self.emu)
         async with self.emu, kmock.Server(self.emu) as server:
             server.server.runner._shutdown_timeout = SHUTDOWN_TIMEOUT_S  # type: ignore[union-attr]
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stopping.wait()
+            for tls in self._tls:
+                tls.close()
+            for ends in self._relayed.values():
+                for end in ends:
+                    end.transport.abort()  # its pumps end at once
+            if self._relayed:
+                await asyncio.wait(list(self._relayed), timeout=2)
+
+    # the pods' endpoint: HTTPS in front of the plain port, every request authorized
+
+    def serve_https(
+        self, certfile: str, keyfile: str, authorize: Callable[[kmock.Request], None]
+    ) -> int:
+        """Serve the API over TLS on a new loopback port (returned) for clients in pods,
+        passing every request through `authorize` first. One such port per KMock."""
+
+        async def start() -> int:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(certfile, keyfile)
+            server = await asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=context)
+            self._tls.append(server)
+            port: int = server.sockets[0].getsockname()[1]
+            self.emu.pod_port, self.emu.authorize = port, authorize
+            return port
+
+        port: int = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        return port
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TLS connection relayed byte for byte to the plain port (the Host header, and
+        so the port the emulator sees in each request's URL, stays the TLS port's)."""
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._relayed[task] = {writer, up_writer}
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            del self._relayed[task]
 
     def configuration(self) -> client.Configuration:
         return client.Configuration(host=self.url)
@@ -369,7 +455,7 @@ class FakeKubelet:
                 ):
                     job = event["object"]
                     name = job["metadata"]["name"]
-                    if event["type"] != "ADDED" or name in self._seen:
+                    if event["type"] != "ADDED" or name in self._seen or not self._ours(job):
                         continue
                     self._seen.add(name)
                     if (job.get("status") or {}).get("conditions"):
@@ -384,6 +470,11 @@ class FakeKubelet:
             except (urllib3.exceptions.HTTPError, OSError):
                 if not self._stopped:
                     time.sleep(0.05)
+
+    def _ours(self, job: dict[str, Any]) -> bool:
+        """A Job of this kubelet's run (several runs may share the namespace)."""
+        labels = job["metadata"].get("labels") or {}
+        return labels.get(LABEL_RUN_ID) == self.layout.run_id
 
     def _broke(self, job: dict[str, Any], exc: BaseException) -> None:
         """Record the kubelet's own error and fail the Job, so that no controller hangs

@@ -1,10 +1,12 @@
 """The lock file, `constraints.txt`: the exact versions `make run`, `make test` and the
 image install (`pip install -c constraints.txt`).
 
-Three sections, each the closure of one requirement list for linux x86_64, Python 3.11:
-the runtime (pyproject's [project] dependencies: the CPU image), the development tools
-(the `dev` extra, less the runtime pins: `make test` only) and the GPU image's extra CUDA
-wheels (`tensorflow[and-cuda]` resolved against the runtime pins). `make lock` regenerates
+Four sections, each the closure of one requirement list for linux x86_64, Python 3.11:
+the runtime (pyproject's [project] dependencies: the CPU image), the optional extras
+(every extra but `dev`, e.g. `mlflow`: the image installs them; less the runtime pins), the
+development tools (the `dev` extra, less the runtime and extras pins: `make test` only) and
+the GPU image's extra CUDA wheels (`tensorflow[and-cuda]` resolved against the runtime
+pins). `make lock` regenerates
 it from the current .venv (run after changing pyproject.toml); tests/test_chart.py fails
 when the .venv drifts from it.
 """
@@ -24,9 +26,10 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
-SECTIONS = ("runtime", "dev", "gpu")
+SECTIONS = ("runtime", "extras", "dev", "gpu")
 _HEADINGS = {
     "runtime": "# Runtime: pyproject [project] dependencies (the CPU image, make run).",
+    "extras": "# Optional extras: every pyproject extra but dev (the image installs them).",
     "dev": "# Development tools only: the `dev` extra (make test), less the runtime pins.",
     "gpu": "# GPU target only: tensorflow[and-cuda] (CUDA / cuDNN wheels), resolved with\n"
     "# pip install --dry-run --report -c <the runtime pins> 'tensorflow[and-cuda]==<pin>'.",
@@ -71,10 +74,17 @@ def runtime_pins() -> dict[str, str]:
     return closure(_pyproject()["dependencies"])
 
 
-def dev_pins() -> dict[str, str]:
+def extras_pins() -> dict[str, str]:
     runtime = runtime_pins()
+    extras = _pyproject()["optional-dependencies"]
+    wanted = [r for name, reqs in extras.items() if name != "dev" for r in reqs]
+    return {n: v for n, v in closure(wanted).items() if n not in runtime}
+
+
+def dev_pins() -> dict[str, str]:
+    taken = runtime_pins() | extras_pins()
     dev = closure(_pyproject()["optional-dependencies"]["dev"])
-    return {n: v for n, v in dev.items() if n not in runtime}
+    return {n: v for n, v in dev.items() if n not in taken}
 
 
 def read() -> dict[str, dict[str, str]]:
@@ -113,7 +123,7 @@ def _gpu_pins(cpu: dict[str, str]) -> dict[str, str]:
 
 def write() -> None:
     """Regenerate constraints.txt from this environment (`make lock`)."""
-    sections = {"runtime": runtime_pins(), "dev": dev_pins()}
+    sections = {"runtime": runtime_pins(), "extras": extras_pins(), "dev": dev_pins()}
     sections["gpu"] = _gpu_pins(sections["runtime"])
     lines = [
         "# The lock file: exact versions for make run, make test and the image",

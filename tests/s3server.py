@@ -188,9 +188,11 @@ def start(
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-master.telemetry=false",
-        # Keep memory and disk small: few, small volumes.
+        # Small volumes, created only as data arrives. The cap (256 x 32 MiB = 8 GiB) must
+        # hold everything one `make test` session writes: nothing is deleted from a volume
+        # until it is vacuumed, and at the cap every PUT fails with InternalError.
         "-master.volumeSizeLimitMB=32",
-        "-volume.max=16",
+        "-volume.max=256",
         "-volume.preStopSeconds=0",  # throwaway data: stop at once
     ]
     log_path = base_dir / "weed.log"

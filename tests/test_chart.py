@@ -1000,8 +1000,11 @@ def test_constraints_pin_the_tested_environment() -> None:
     (regenerate on drift: `make lock`)."""
     pins = lockfile.read()
     assert pins["runtime"] == lockfile.runtime_pins()
+    assert pins["extras"] == lockfile.extras_pins()
     assert pins["dev"] == lockfile.dev_pins()
     assert "tensorflow" in pins["runtime"] and "pytest" in pins["dev"]
+    assert "mlflow-skinny" in pins["extras"] and "mlflow" in pins["dev"]
     assert "nvidia-cudnn-cu12" in pins["gpu"]
     assert not set(pins["runtime"]) & set(pins["gpu"])
     assert not set(pins["runtime"]) & set(pins["dev"])
+    assert not (set(pins["runtime"]) | set(pins["dev"])) & set(pins["extras"])

@@ -435,7 +435,10 @@ FINGERPRINT_FIELDS: dict[str, tuple[type, list[str]]] = {
         ],
     ),
     "evaluate": (EvaluateConfig, ["batch_size", "ece_bins"]),
-    "promote": (PromoteConfig, ["metric", "min_improvement", "melanoma_recall_margin"]),
+    "promote": (
+        PromoteConfig,
+        ["metric", "min_improvement", "melanoma_recall_margin", "require_no_drift"],
+    ),
 }
 
 

@@ -45,7 +45,8 @@ from skinlesion.kube_jobs import (
 )
 from skinlesion.layout import RunLayout
 from skinlesion.lease import LeaseHeld, LeaseLost
-from skinlesion.pipeline import plan
+from skinlesion.manifest import is_done
+from skinlesion.pipeline import expected_fingerprint, plan
 from skinlesion.stages import STAGE_BY_NAME, STAGES
 from skinlesion.storage import get_json, open_store
 from skinlesion.synthetic import write_sample_data
@@ -104,7 +105,14 @@ class Run:
     """One test's pieces: argv for the controller, the matching config and a kubelet."""
 
     def __init__(
-        self, km: KMock, stages: Path, store: str, raw: str, tmp: Path, extra: list[str]
+        self,
+        km: KMock,
+        stages: Path,
+        store: str,
+        raw: str,
+        tmp: Path,
+        extra: list[str],
+        run_id: str = RUN,
     ) -> None:
         self.km = km
         self.tmp = tmp
@@ -117,7 +125,7 @@ class Run:
             "--raw",
             raw,
             "--run-id",
-            RUN,
+            run_id,
             "--preset",
             "tiny",
             "--lease-seconds",
@@ -126,7 +134,7 @@ class Run:
         ]
         args = self.args()
         self.cfg = config.load_pipeline(args.preset, args.config, args.set)
-        self.layout = RunLayout(store, RUN)
+        self.layout = RunLayout(store, run_id)
         self.raw = raw
 
     def args(self) -> argparse.Namespace:
@@ -689,3 +697,76 @@ def test_the_charts_own_controller_job_drives_a_run(
         assert got["command"] == want["command"]
         assert got["resources"] == want["resources"]  # e.g. `nvidia.com/gpu: 1` sent as is
         assert created["spec"]["podFailurePolicy"] == shapes[stage]["spec"]["podFailurePolicy"]
+
+
+# --- load ---------------------------------------------------------------------------------
+
+LOAD_RUNS = 20
+
+
+@pytest.mark.soak  # about 4 s of the emulator's CPU per run: `make soak`
+def test_concurrent_runs_get_their_own_jobs_and_results(
+    km: KMock, stages_path: Path, store_uri: str, raw_uri: str, tmp_path: Path
+) -> None:
+    """LOAD_RUNS controllers with distinct run ids at once, one store, one namespace: each
+    run gets exactly its six Jobs (each kubelet checks every Job's argv against its own
+    run's plan), commits all its stages, and releases its own Lease."""
+    ids = [f"load-{i:02d}" for i in range(LOAD_RUNS)]
+    runs = {
+        rid: Run(km, stages_path, store_uri, raw_uri, tmp_path, ["--lease-seconds", "6"], rid)
+        for rid in ids
+    }
+    kubelets = {rid: run.kubelet() for rid, run in runs.items()}
+    for kubelet in kubelets.values():
+        kubelet.__enter__()
+    try:
+        barrier = threading.Barrier(LOAD_RUNS)
+
+        def drive(run: Run) -> int:
+            barrier.wait()
+            return run.controller()
+
+        controllers = {rid: Background(lambda run=run: drive(run)) for rid, run in runs.items()}
+        for rid, controller in controllers.items():
+            assert controller.result(timeout=600) == 0, rid
+    finally:
+        for kubelet in kubelets.values():
+            kubelet.__exit__(None, None, None)
+    created = created_jobs(km)
+    assert len(created) == len(set(created)) == LOAD_RUNS * len(ORDER)  # no duplicate Job
+    for rid, run in runs.items():
+        want = [job_name(RELEASE, stage, rid, 1) for stage in ORDER]
+        assert kubelets[rid].names() == want, rid  # its own Jobs, in order, no other's
+        for call in plan(run.cfg, run.layout, raw_uri):  # no lost result
+            out = open_store(call.out_uri)
+            assert is_done(out, expected_fingerprint(call)), (rid, call.stage.name)
+            assert out.get_bytes("output.txt") == f"{call.stage.name} of {rid}\n".encode()
+    leases = {o["metadata"]["name"]: o for o in km.objects("coordination.k8s.io/v1/leases")}
+    assert set(leases) == {f"{RELEASE}-{rid}" for rid in ids}
+    assert all("holderIdentity" not in lease["spec"] for lease in leases.values())
+
+
+def test_two_controllers_started_at_once_for_one_run_exactly_one_runs(
+    make_run: Callable[..., Run],
+) -> None:
+    """Both start together: one creates the run's Lease and its Jobs, the other sees the
+    Lease renewed and is refused; every stage's Job is created once."""
+    run = make_run("--lease-seconds", "6")
+    barrier = threading.Barrier(2)
+
+    def start() -> int:
+        barrier.wait()
+        return run.controller()
+
+    with run.kubelet(prepare=["hold"]) as kubelet:
+        pair = [Background(start), Background(start)]
+        kubelet.wait_for(lambda: len(kubelet.jobs) == 1)
+        wait_until(lambda: any(not c.is_alive() for c in pair), timeout=60)
+        (loser,) = [c for c in pair if not c.is_alive()]
+        (winner,) = [c for c in pair if c is not loser]
+        with pytest.raises(LeaseHeld, match="refusing to start a second controller"):
+            loser.result()
+        kubelet.finish(names(("prepare", 1))[0])
+        assert winner.result(timeout=120) == 0
+    assert created_jobs(run.km) == names(*((s, 1) for s in ORDER))
+    assert "holderIdentity" not in lease(run.km)["spec"]

@@ -14,7 +14,7 @@ from skinlesion.promote import run_promote
 from skinlesion.storage import Store, get_json
 from tests.test_evaluate import tiny_model, write_augment, write_model, write_prepared
 
-CFG = config.PromoteConfig()
+CFG = config.PromoteConfig(serving_export=False)  # SavedModel exports: tests/test_serving.py
 EVAL = config.EvaluateConfig(batch_size=16, ece_bins=10)
 PER_CLASS = (6,) * NUM_CLASSES
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from skinlesion.manifest import (
     require_manifest,
 )
 from skinlesion.storage import ObjectInfo, Store, get_json, open_store, put_json
+from skinlesion.storage.base import Upload
 
 BACKENDS = ["file", pytest.param("s3", marks=pytest.mark.s3)]
 SETTINGS = {"image_size": 64, "split": "lesion"}
@@ -65,6 +66,11 @@ class Recorder:
     def put_bytes(self, key: str, data: bytes) -> str:
         self.ops.append(("put", key))
         return self.inner.put_bytes(key, data)
+
+    def put_files(self, items: Sequence[Upload], done: Any = None) -> list[str]:
+        for _, key in items:
+            self.ops.append(("put", key))
+        return self.inner.put_files(items, done)
 
     def delete(self, key: str) -> None:
         self.ops.append(("delete", key))
@@ -239,6 +245,8 @@ CHILD = textwrap.dedent(
             if mode == "upload" and self.count == 2:
                 time.sleep(120)
             return digest
+        def put_files(self, items, done=None):
+            return [self.put_file(src, key) for src, key in items]
 
     def body(work):
         out.put_bytes("state/resume.json", b'{"epoch": 3}')  # written as it goes

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -157,14 +159,34 @@ def test_missing_or_mismatched_weights_are_clear_input_errors(s3_store: Store) -
         input_shape=(SIZE, SIZE, 3), include_top=False, weights=None, alpha=0.75
     )
     model_lib.save_base_weights(narrow, other)
-    with pytest.raises(InputError, match=re.escape(f"weights file {other} does not fit backbone")):
+    with pytest.raises(InputError, match=re.escape(f"weights file {other} holds mobilenetv3small")):
         model_lib.build_for_config(tiny_cfg(weights=other), SIZE)
     junk = f"{s3_store.uri}/junk.weights.h5"
     s3_store.put_bytes("junk.weights.h5", b"not an HDF5 file")
-    with pytest.raises(InputError, match=re.escape(f"weights file {junk} does not fit")):
+    with pytest.raises(InputError, match=re.escape(f"file {junk} holds weights of another")):
         model_lib.build_for_config(tiny_cfg(weights=junk), SIZE)
     with pytest.raises(InputError, match=r"must be a store URI of a \.weights\.h5"):
         model_lib.load_base_weights(model_lib.build_base("mobilenetv3small", SIZE), "x.h5")
+
+
+@pytest.mark.slow
+def test_weights_of_another_backbone_are_refused_naming_both(
+    file_store: Store, tmp_path: Path
+) -> None:
+    """The backbone a file holds comes from the name `save_base_weights` records, or, for
+    a file without it (e.g. one Keras wrote), from the known backbone it loads into."""
+    uri = f"{file_store.uri}/effb0.weights.h5"
+    model_lib.save_base_weights(model_lib.build_base("efficientnetb0", SIZE), uri)
+    want = f"weights file {uri} holds efficientnetb0 weights, not mobilenetv3small weights"
+    with pytest.raises(InputError, match=re.escape(want)):
+        model_lib.build_for_config(tiny_cfg(weights=uri), SIZE)
+    local = tmp_path / "effb0.weights.h5"
+    file_store.get_file("effb0.weights.h5", local)
+    with h5py.File(local, "a") as f:
+        del f.attrs[model_lib.BACKBONE_ATTR]
+    file_store.put_file(local, "effb0.weights.h5")
+    with pytest.raises(InputError, match=re.escape(want)):
+        model_lib.build_for_config(tiny_cfg(weights=uri), SIZE)
 
 
 @pytest.mark.slow

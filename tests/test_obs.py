@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,6 @@ from skinlesion.storage import open_store
 from skinlesion.synthetic import write_sample_data
 from skinlesion.synthetic.metadata import MIN_IMAGES
 from tests import obs_servers
-
-
-@pytest.fixture(scope="session")
-def pushgateway_url() -> Iterator[str]:
-    with obs_servers.pushgateway() as base:  # fails (not skips) naming what to install
-        yield base
 
 
 @pytest.fixture

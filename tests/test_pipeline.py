@@ -11,7 +11,7 @@ from skinlesion import cli, config
 from skinlesion.config import stage_settings
 from skinlesion.errors import EXIT_BAD_INPUT, InputError, RunCancelled, StageFailed
 from skinlesion.layout import RunLayout
-from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
+from skinlesion.manifest import STATE_PREFIX, commit_stage, input_fingerprints, read_manifest
 from skinlesion.pipeline import Outcome, StageCall, plan, run_pipeline
 from skinlesion.stages import STAGES
 from skinlesion.storage import open_store, put_json
@@ -126,6 +126,21 @@ def test_full_run_in_order_then_rerun_skips_everything(tmp_path: Path, raw: str)
     report = _run(tmp_path, raw, again)
     assert again.calls == []
     assert all(s.status == "skipped" for s in report.stages)
+
+
+def test_a_skipped_stage_drops_the_resume_state_a_killed_attempt_left(
+    tmp_path: Path, raw: str
+) -> None:
+    """Killed between its commit and its clean-up, training leaves `state/` next to its
+    committed outputs; the rerun that skips the stage removes it."""
+    _run(tmp_path, raw, ScriptedExecutor())
+    train = open_store(_layout(tmp_path).stage_uri("train"))
+    train.put_bytes(f"{STATE_PREFIX}/state.json", b"{}")
+    train.put_bytes(f"{STATE_PREFIX}/epoch-0002.keras", b"model")
+    again = ScriptedExecutor()
+    _run(tmp_path, raw, again)
+    assert again.calls == []
+    assert train.list(STATE_PREFIX) == [] and read_manifest(train) is not None
 
 
 def test_changed_setting_reruns_that_stage_and_downstream_only(tmp_path: Path, raw: str) -> None:

@@ -1,4 +1,5 @@
-"""What the run loop reports when a run ends: the Pushgateway run push and the webhook."""
+"""What the run loop reports when a run ends: the Pushgateway run push, the webhook and the
+MLflow run's status."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from skinlesion.errors import RunCancelled, StageFailed
 from skinlesion.layout import REPORT_FILE, RunLayout
 from skinlesion.manifest import read_manifest
-from skinlesion.obs import pushgateway, webhook
+from skinlesion.obs import mlflow_log, pushgateway, webhook
 from skinlesion.storage import open_store
 
 _LOG_URI = re.compile(r"log: (\S+)")
@@ -45,9 +46,10 @@ def facts(layout: RunLayout, exc: BaseException | None) -> dict[str, Any]:
 
 
 def report(layout: RunLayout, exc: BaseException | None, seconds: float, done: int) -> None:
-    """Push the run's state and notify; both optional and never raising."""
+    """Push the run's state, notify, end the MLflow run; each optional and never raising."""
+    status = status_of(exc)
+    mlflow_log.end_run(layout.run_id, status)
     if pushgateway.url() is None and webhook.url() is None:
         return
-    status = status_of(exc)
     pushgateway.push_run(layout.run_id, status, seconds, done)
     webhook.notify(layout.run_id, status, facts(layout, exc))

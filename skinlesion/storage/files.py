@@ -9,9 +9,18 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from skinlesion import faults
 from skinlesion.errors import InputError, StoreError
 from skinlesion.keys import safe_key
-from skinlesion.storage.base import ObjectInfo, child_key, sha256_bytes, sha256_file
+from skinlesion.storage.base import (
+    Done,
+    Download,
+    ObjectInfo,
+    Upload,
+    child_key,
+    sha256_bytes,
+    sha256_file,
+)
 
 
 class FileStore:
@@ -76,15 +85,23 @@ class FileStore:
             os.unlink(tmp)
             raise StoreError(f"checksum mismatch writing {self.uri}/{key}")
         os.replace(tmp, path)
+        faults.point("upload")
         return digest
 
-    def put_files(self, items: Sequence[tuple[str | Path, str]]) -> list[str]:
+    def put_files(self, items: Sequence[Upload], done: Done[Upload] | None = None) -> list[str]:
         """`put_file` of every (source, key), in order (local copies: no latency to hide)."""
-        return [self.put_file(src, key) for src, key in items]
+        digests = []
+        for item in items:
+            digests.append(self.put_file(*item))
+            if done is not None:
+                done(item)
+        return digests
 
-    def get_files(self, items: Sequence[tuple[str, str | Path]]) -> None:
-        for key, dest in items:
-            self.get_file(key, dest)
+    def get_files(self, items: Sequence[Download], done: Done[Download] | None = None) -> None:
+        for item in items:
+            self.get_file(*item)
+            if done is not None:
+                done(item)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -18,14 +18,25 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from skinlesion import logs
+from skinlesion import faults, logs
 from skinlesion.errors import InputError, StoreError
 from skinlesion.keys import safe_key
-from skinlesion.storage.base import ObjectInfo, child_key, join_keys, sha256_bytes, sha256_file
+from skinlesion.storage.base import (
+    Done,
+    Download,
+    ObjectInfo,
+    Upload,
+    child_key,
+    join_keys,
+    sha256_bytes,
+    sha256_file,
+)
+
+T = TypeVar("T")
 
 ATTEMPTS = 5  # per S3 call (botocore) and per checksum mismatch (ours)
 RETRY_BASE_S = 0.1  # our backoff between whole-transfer attempts: 0.1, 0.2, 0.4, ... s
@@ -117,12 +128,28 @@ def _s3_client(endpoint: str | None = None) -> Any:
     )
 
 
-def _parallel(fn: Any, items: Sequence[Any]) -> list[Any]:
-    """fn over items in FILE_WORKERS threads, results in order; the first error raised."""
+def _parallel(fn: Any, items: Sequence[T], done: Done[T] | None = None) -> list[Any]:
+    """fn over items in FILE_WORKERS threads, results in order; the first error raised.
+    `done(item)` is called in this thread as each item finishes (progress bars)."""
+    results: list[Any] = [None] * len(items)
     if len(items) <= 1:
-        return [fn(item) for item in items]
+        for i, item in enumerate(items):
+            results[i] = fn(item)
+            if done is not None:
+                done(item)
+        return results
     with ThreadPoolExecutor(min(FILE_WORKERS, len(items)), "s3-transfer") as pool:
-        return list(pool.map(fn, items))
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if done is not None:
+                    done(items[futures[future]])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
 
 
 class _TransferError(StoreError):
@@ -255,15 +282,16 @@ class S3Store:
             ExtraArgs={"Metadata": {"sha256": digest}},
             Config=_transfer_config(),
         )
+        faults.point("upload")
         return digest
 
-    def put_files(self, items: Sequence[tuple[str | Path, str]]) -> list[str]:
+    def put_files(self, items: Sequence[Upload], done: Done[Upload] | None = None) -> list[str]:
         """`put_file` of every (source, key), FILE_WORKERS at once; their SHA-256s."""
-        return _parallel(lambda item: self.put_file(*item), items)
+        return _parallel(lambda item: self.put_file(*item), items, done)
 
-    def get_files(self, items: Sequence[tuple[str, str | Path]]) -> None:
+    def get_files(self, items: Sequence[Download], done: Done[Download] | None = None) -> None:
         """`get_file` of every (key, destination), FILE_WORKERS at once."""
-        _parallel(lambda item: self.get_file(*item), items)
+        _parallel(lambda item: self.get_file(*item), items, done)
 
     def exists(self, key: str) -> bool:
         try:

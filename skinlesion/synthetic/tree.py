@@ -4,7 +4,6 @@ metadata file last."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -53,8 +52,10 @@ def write_sample_data(out: Store, images: int, seed: int, workers: int = 0) -> d
     results = ordered_map(
         _write_chunk, _chunks(specs, chunk), resolve_workers(workers), _init_writer, (out.uri,)
     )
-    for n in logs.progress(results, math.ceil(images / chunk), "sample-data"):
-        written += n
+    with logs.Progress("sample-data", images, "image") as bar:
+        for n in results:
+            written += n
+            bar.update(n)
     marker = {
         "synthetic": True,
         "note": "SYNTHETIC images drawn by skinlesion.synthetic, not dermatoscopic photographs; "

@@ -492,7 +492,8 @@ template:
 {{/*
 Observability env (README "Observability"): the Pushgateway URL on stage and controller
 pods, a stage's attempt number from its pod label, the run-end webhook URL (controller)
-from an existing Secret. Empty values render nothing.
+from an existing Secret, MLflow's tracking URI, experiment, model name and credentials
+(from an existing Secret) on stage and controller pods. Empty values render nothing.
 */}}
 {{- define "skinlesion.obsEnv" -}}
 {{- $v := .root.Values }}
@@ -512,6 +513,26 @@ from an existing Secret. Empty values render nothing.
     secretKeyRef:
       name: {{ $v.notify.webhookUrl.existingSecret }}
       key: {{ $v.notify.webhookUrl.key }}
+{{- end }}
+{{- with $v.mlflow.trackingUri }}
+- name: MLFLOW_TRACKING_URI
+  value: {{ . | quote }}
+- name: MLFLOW_EXPERIMENT_NAME
+  value: {{ $v.mlflow.experiment | quote }}
+- name: SKINLESION_MLFLOW_MODEL
+  value: {{ $v.mlflow.registeredModel | quote }}
+{{- if $v.mlflow.existingSecret }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.mlflow.existingSecret }}
+      key: {{ $v.mlflow.usernameKey }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.mlflow.existingSecret }}
+      key: {{ $v.mlflow.passwordKey }}
+{{- end }}
 {{- end }}
 {{- end }}
 
