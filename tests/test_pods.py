@@ -58,7 +58,7 @@ RELEASE = "skinlesion"
 ORDER = [s.name for s in STAGES]
 KIND_VALUES = cr.CHART / "values-kind.yaml"
 SECRET = cr.read_values(KIND_VALUES)["store"]["existingSecret"]
-RUN_TIMEOUT_S = 1800  # a hang guard for a whole tiny run in containers on a busy machine
+RUN_TIMEOUT_S = 900  # a hang guard for a whole tiny run in containers on a busy machine
 # Helm's install order for the kinds the chart renders.
 INSTALL_ORDER = ["NetworkPolicy", "ServiceAccount", "Secret", "ConfigMap", "Role", "RoleBinding",
                  "Job", "CronJob"]  # fmt: skip
