@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from PIL import Image
 from skinlesion import synthetic
 from skinlesion.ham10000 import METADATA, SYNTHETIC_MARKER
 from skinlesion.imaging import available_cpus, ordered_map
+from tests.bench.rss import PeakTreeRSS
 
 SIZE = 224
 _CHILD = """
@@ -96,23 +96,6 @@ def plain_loop(paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """Summed VmRSS of `pid` and its descendants (0 when gone)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            status = Path(f"/proc/{p}/status").read_text()
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-        todo += [int(c) for c in children]
-    return total
-
-
 def prepare_in_child(raw: Path, out: Path) -> dict[str, Any]:
     """Run prepare in a child process: its timing and peak memory (sampled tree sum,
     and the largest process's ru_maxrss from wait4)."""
@@ -124,19 +107,8 @@ def prepare_in_child(raw: Path, out: Path) -> dict[str, Any]:
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
             cwd=Path(__file__).resolve().parents[2],
         )
-        peak = [0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        done.set()
-        sampler.join()
+        with PeakTreeRSS(proc.pid) as rss:
+            _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         assert proc.stdout is not None
         output = proc.stdout.read().decode()
@@ -145,7 +117,7 @@ def prepare_in_child(raw: Path, out: Path) -> dict[str, Any]:
             tail = log.read().decode(errors="replace")[-3000:]
             raise RuntimeError(f"prepare child failed ({proc.returncode}):\n{output}{tail}")
     figures = json.loads(output.strip().splitlines()[-1])
-    return {**figures, "tree_rss_mb": peak[0] / 1024, "max_process_rss_mb": usage.ru_maxrss / 1024}
+    return {**figures, "tree_rss_mb": rss.peak_mb, "max_process_rss_mb": usage.ru_maxrss / 1024}
 
 
 def run() -> dict[str, Any]:

@@ -21,12 +21,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.prepare_bench import _tree_rss_kb, draw_images, write_tree
+from tests.bench.prepare_bench import draw_images, write_tree
+from tests.bench.rss import PeakTreeRSS
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 96
@@ -45,25 +45,14 @@ def run_child(argv: list[str]) -> dict[str, float]:
             env=env,
             cwd=ROOT,
         )
-        peak = [0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        code = proc.wait()
-        done.set()
-        sampler.join()
+        with PeakTreeRSS(proc.pid) as rss:
+            code = proc.wait()
         seconds = time.perf_counter() - start
         if code != 0:
             log.seek(0)
             tail = log.read().decode(errors="replace")[-3000:]
             raise RuntimeError(f"skinlesion {argv[0]} failed ({code}):\n{tail}")
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak[0] / 1024, 1)}
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(rss.peak_mb, 1)}
 
 
 def _weights(path: Path) -> str:
