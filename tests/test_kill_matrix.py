@@ -69,6 +69,7 @@ TIMING_FIELDS = {
     "seconds",
     "images_per_s",
     "resumed_from_epoch",
+    "extract_seconds",  # data_path: the feature cache's extraction
 }
 # Fields derived from upstream bytes: compared up to the first retrained training stage.
 UPSTREAM_FIELDS = {
@@ -260,10 +261,11 @@ def outputs(root: Path, upstream_through: str | None = None) -> dict[str, Any]:
     `upstream_through`, without the fields that hash upstream bytes) and its files'
     contents; the registry's versions, aliases and moves."""
     out: dict[str, Any] = {}
-    dropped = TIMING_FIELDS | {"files"}
+    dropped = {"files"}
     for name, prefix in prefixes(root).items():
         manifest = committed(prefix)
-        fields = {k: v for k, v in (manifest or {}).items() if k not in dropped}
+        timeless = _without(manifest or {}, TIMING_FIELDS)
+        fields = {k: v for k, v in timeless.items() if k not in dropped}
         out[name] = manifest and {
             "fields": fields,
             "files": {file_name(key): content(prefix / key) for key in sorted(manifest["files"])},
@@ -279,6 +281,15 @@ def outputs(root: Path, upstream_through: str | None = None) -> dict[str, Any]:
             "history": [(h["action"], h["champion"], h["from"]) for h in reg["history"]],
         }
     return out
+
+
+def _without(fields: dict[str, Any], dropped: set[str]) -> dict[str, Any]:
+    """`fields` less the keys in `dropped`, at any depth."""
+    return {
+        k: _without(v, dropped) if isinstance(v, dict) else v
+        for k, v in fields.items()
+        if k not in dropped
+    }
 
 
 def strays(root: Path) -> list[str]:
