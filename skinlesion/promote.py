@@ -134,15 +134,7 @@ def publish_champion(
     check_disjoint(CHAMPION_STAGE, target.uri, {"model": model.uri, "candidate": candidate.uri})
     check_owned(CHAMPION_STAGE, target)
     with scratch_dir("skinlesion-promote-") as work:
-        for source, key in (
-            (model, MODEL_FILE),
-            (candidate, METRICS_FILE),
-            (candidate, REPORT_FILE),
-            (candidate, PREDICTIONS_FILE),
-        ):
-            if key in _OPTIONAL and not source.exists(key):
-                continue
-            source.get_file(key, work / key)
+        _download(model, candidate, work)
         claim(CHAMPION_STAGE, target)
         clear(target, keep_state=False)  # removes manifest.json first, then the old files
         return publish(target, work, fields, CHAMPION_STAGE)

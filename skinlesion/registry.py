@@ -338,8 +338,9 @@ def _copy_champion(models: Store) -> None:
             return
         manifest = get_json(version, MANIFEST)
         with scratch_dir("skinlesion-registry-") as work:
-            for key in manifest["files"]:
-                version.get_file(key, work / key)
+            items = [(key, work / key) for key in manifest["files"]]
+            with logs.Progress(f"copy of version {n} to latest", len(items), "file") as bar:
+                version.get_files(items, lambda _: bar.update())
             claim("champion", latest)
             clear(latest, keep_state=False)
             fields = {k: v for k, v in manifest.items() if k not in ("files", VERSION_FIELD)}
