@@ -262,7 +262,7 @@ def publish(
     the manifest (plus the file list) last: the commit mark."""
     files: dict[str, dict[str, Any]] = {}
     items = [(path, path.relative_to(work).as_posix()) for path in _outputs(work, what)]
-    sizes = {key: Path(path).stat().st_size for path, key in items}
+    sizes = {key: path.stat().st_size for path, key in items}
     with logs.Progress(f"{what} upload", sum(sizes.values()), "B") as bar:
 
         def done(item: Upload) -> None:

@@ -19,6 +19,16 @@ Download = tuple[str, str | Path]  # (key, local destination)
 Done = Callable[[T], None]  # called with each item of put_files / get_files as it finishes
 
 
+def in_order(fn: Callable[[T], Any], items: Sequence[T], done: Done[T] | None) -> list[Any]:
+    """`fn` over `items` one after another, `done(item)` after each; the results."""
+    results = []
+    for item in items:
+        results.append(fn(item))
+        if done is not None:
+            done(item)
+    return results
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str  # relative to the store's prefix

@@ -18,6 +18,7 @@ from skinlesion.storage.base import (
     ObjectInfo,
     Upload,
     child_key,
+    in_order,
     sha256_bytes,
     sha256_file,
 )
@@ -90,18 +91,10 @@ class FileStore:
 
     def put_files(self, items: Sequence[Upload], done: Done[Upload] | None = None) -> list[str]:
         """`put_file` of every (source, key), in order (local copies: no latency to hide)."""
-        digests = []
-        for item in items:
-            digests.append(self.put_file(*item))
-            if done is not None:
-                done(item)
-        return digests
+        return in_order(lambda item: self.put_file(*item), items, done)
 
     def get_files(self, items: Sequence[Download], done: Done[Download] | None = None) -> None:
-        for item in items:
-            self.get_file(*item)
-            if done is not None:
-                done(item)
+        in_order(lambda item: self.get_file(*item), items, done)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -31,6 +31,7 @@ from skinlesion.storage.base import (
     ObjectInfo,
     Upload,
     child_key,
+    in_order,
     join_keys,
     sha256_bytes,
     sha256_file,
@@ -131,13 +132,9 @@ def _s3_client(endpoint: str | None = None) -> Any:
 def _parallel(fn: Any, items: Sequence[T], done: Done[T] | None = None) -> list[Any]:
     """fn over items in FILE_WORKERS threads, results in order; the first error raised.
     `done(item)` is called in this thread as each item finishes (progress bars)."""
-    results: list[Any] = [None] * len(items)
     if len(items) <= 1:
-        for i, item in enumerate(items):
-            results[i] = fn(item)
-            if done is not None:
-                done(item)
-        return results
+        return in_order(fn, items, done)
+    results: list[Any] = [None] * len(items)
     with ThreadPoolExecutor(min(FILE_WORKERS, len(items)), "s3-transfer") as pool:
         futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
         try:
