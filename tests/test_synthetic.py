@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skinlesion import ham10000, synthetic
+from skinlesion import ham10000, logs, synthetic
 from skinlesion.classes import CLASSES
 from skinlesion.errors import InputError
 from skinlesion.storage import FileStore
@@ -131,10 +131,14 @@ def test_classes_differ_but_simple_colour_statistics_do_not_separate_them() -> N
     assert score < 0.9  # but colour statistics alone do not give the label away
 
 
-def test_write_sample_data_writes_a_valid_tree(tmp_path: Path) -> None:
+def test_write_sample_data_writes_a_valid_tree(tmp_path: Path, capsys) -> None:
+    logs.configure(run_id="r1", stage="run")  # capsys' stderr is no TTY: JSON lines
     store = FileStore(tmp_path / "raw")
     summary = synthetic.write_sample_data(store, images=70, seed=0, workers=1)
     assert summary["images"] == 70 and summary["synthetic"] is True
+    events = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    (last,) = [e for e in events if e["event"] == "progress" and e["finished"]]
+    assert (last["done"], last["total"], last["unit"]) == (70, 70, "image")  # images, not bytes
     assert sum(summary["counts"].values()) == 70
     data = ham10000.load(store)
     assert data.synthetic is True

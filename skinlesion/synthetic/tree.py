@@ -24,15 +24,15 @@ def _init_writer(out_uri: str) -> None:
     _OUT = open_store(out_uri)
 
 
-def _write_chunk(specs: list[ImageSpec]) -> int:
-    """Draw and store a chunk of images (in a worker); returns the bytes written."""
+def _write_chunk(specs: list[ImageSpec]) -> tuple[int, int]:
+    """Draw and store a chunk of images (in a worker): (images, bytes) written."""
     assert _OUT is not None
     total = 0
     for spec in specs:
         data = render(spec)
         _OUT.put_bytes(spec.key, data)
         total += len(data)
-    return total
+    return len(specs), total
 
 
 def _chunks(specs: list[ImageSpec], size: int) -> Iterator[list[ImageSpec]]:
@@ -53,8 +53,8 @@ def write_sample_data(out: Store, images: int, seed: int, workers: int = 0) -> d
         _write_chunk, _chunks(specs, chunk), resolve_workers(workers), _init_writer, (out.uri,)
     )
     with logs.Progress("sample-data", images, "image") as bar:
-        for n in results:
-            written += n
+        for n, size in results:
+            written += size
             bar.update(n)
     marker = {
         "synthetic": True,
