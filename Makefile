@@ -82,8 +82,11 @@ docker-deps:
 	  echo "tests/test_image.py and tests/test_pods.py need Docker's engine and debootstrap:" \
 	    "apt-get install -y docker.io debootstrap (as root)"
 
+# Two workers: most tests wait on a child process or a server about half the time.
+TEST_WORKERS ?= 2
 test: setup-dev pushgateway docker-deps
-	$(PY) -m pytest -m "not soak" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not soak" -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+	  --durations=15 $(PYTEST_ARGS)
 
 # The long fault matrices: every test of these files, the `soak`-marked ones (which
 # `make test` leaves out) and the few that `make test` runs as well.
