@@ -85,7 +85,7 @@ docker-deps:
 # Two workers: most tests wait on a child process or a server about half the time.
 TEST_WORKERS ?= 2
 test: setup-dev pushgateway docker-deps
-	$(PY) -m pytest -m "not soak" -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+	$(PY) -m pytest -m "not soak" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 	  --durations=15 $(PYTEST_ARGS)
 
 # The long fault matrices: every test of these files, the `soak`-marked ones (which

@@ -30,18 +30,13 @@ _AWS_ISOLATE = (
 )
 
 
-# `make test` runs two workers (pytest -n 2 --dist loadgroup --no-loadscope-reorder). Each
-# module is one xdist group, so that a module's fixtures (a trained run, a reference run)
-# are built once; the modules that drive the machine's one Docker engine share a group.
+# `make test` runs two workers (pytest -n 2 --dist loadfile --no-loadscope-reorder). A
+# module is one unit of work, so that its fixtures (a trained run, a reference run) are built
+# once; the modules that drive the machine's one Docker engine make one unit together.
 _DOCKER_MODULES = frozenset({"test_image", "test_pods", "test_docker_kubelet"})
 # The longest modules, longest first, are handed out before the rest (file order), so that
 # the two workers finish at about the same time.
-_LONG_MODULES = (
-    "test_learning",
-    "test_kill_matrix",
-    "test_feature_cache",
-    "test_pods",
-)
+_LONG_MODULES = ("test_learning", "test_pods", "test_obs_tracking", "test_train")
 
 
 def _module_rank(item: pytest.Item) -> int:
@@ -49,17 +44,29 @@ def _module_rank(item: pytest.Item) -> int:
     return _LONG_MODULES.index(module) if module in _LONG_MODULES else len(_LONG_MODULES)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Any test that (indirectly) uses the S3 server carries the `s3` marker, so that
-    `-m "not s3"` really deselects everything that starts SeaweedFS; every test carries its
-    xdist group; the long modules come first."""
+    `-m "not s3"` really deselects everything that starts SeaweedFS; the long modules come
+    first."""
     for item in items:
         if "s3_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.s3)
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("docker" if module in _DOCKER_MODULES else module))
     items.sort(key=_module_rank)  # stable: file order within and after the long ones
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, with the Docker modules as one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "docker" if Path(path).stem in _DOCKER_MODULES else path
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
