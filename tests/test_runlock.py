@@ -82,7 +82,7 @@ def test_second_writer_is_refused_at_once_naming_the_holder(store: Store) -> Non
         start = time.monotonic()
         with pytest.raises(RunLocked) as info:
             RunLock(store, "r1").acquire()
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 15  # at once: not after the holder's 30 s
         message = str(info.value)
         assert f"host {holder['host']} pid {os.getpid()}" in message
         assert "\n" not in message and f"{store.uri}/{LOCK_KEY}" in message
@@ -295,11 +295,10 @@ def test_concurrent_runs_of_one_id_second_is_refused_first_finishes(tmp_path: Pa
         lock_path = tmp_path / "store/runs/same/lock.json"
         holder = _wait_for_lock(lock_path, first)
         assert holder["pid"] == first.pid
-        start = time.monotonic()
         second = subprocess.run(
             _run_cmd(store_uri), env=env, capture_output=True, text=True, timeout=120
         )
-        assert time.monotonic() - start < 60  # refused at start-up, not after a stage
+        assert "stage_start" not in second.stderr  # refused at start-up, not after a stage
         assert second.returncode == EXIT_RUN_LOCKED, second.stderr[-2000:]
         errors = [x for x in second.stderr.splitlines() if x.startswith("skinlesion run: error")]
         assert len(errors) == 1
