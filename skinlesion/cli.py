@@ -158,6 +158,7 @@ def _promote(args: argparse.Namespace) -> int:
         if args.out
         else open_store(promote.promote_uri(candidate.uri))
     )
+    logs.import_tensorflow()  # its start-up lines filtered: the SavedModel export loads Keras
     manifest = promote.run_promote(
         cfg,
         candidate,

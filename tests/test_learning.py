@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from skinlesion import logs
 from skinlesion.classes import CLASSES
 from skinlesion.manifest import read_manifest
 from skinlesion.storage import get_json, open_store
 from tests import s3server
-from tests.runs import skinlesion_run
+from tests.runs import run_env, skinlesion_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.learning]
 
@@ -47,7 +48,8 @@ METRIC_KEYS = {
 def make_run(s3_server: s3server.S3Server) -> tuple[str, subprocess.CompletedProcess[str]]:
     """`skinlesion run --preset cpu` on an empty S3 prefix: (store URI, finished process)."""
     store = f"s3://{s3_server.bucket}/learn-{uuid.uuid4().hex[:12]}"
-    done = skinlesion_run(store, preset="cpu", run_id=RUN_ID)
+    env = {k: v for k, v in run_env().items() if k != logs.TF_LOG_LEVEL}  # as `make run`
+    done = skinlesion_run(store, preset="cpu", run_id=RUN_ID, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return store, done
 
@@ -62,6 +64,8 @@ def test_make_run_commits_every_stage_and_keeps_the_contracts(
 ) -> None:
     store_uri, first = make_run
     assert "SYNTHETIC" in first.stderr  # says it made up the data
+    for noise in ("cuInit", "cuda drivers", "absl::InitializeLog", "oneDNN"):  # no stage's
+        assert noise not in first.stderr, noise
     assert "balanced accuracy" in first.stdout
     assert f"{store_uri}/runs/{RUN_ID}/evaluate/report.html" in first.stdout
     store = open_store(store_uri)
