@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-# Exit codes: the chart's podFailurePolicy fails a Job fast on EXIT_BAD_INPUT; the
-# pipeline never retries a stage that exits EXIT_BAD_INPUT or EXIT_DAMAGED_RUN (the
-# same stage again cannot help); any other non-zero code is retried.
+# Exit codes: the chart's podFailurePolicy fails a Job at once on NOT_RETRIED (a new pod
+# of the same Job cannot help); the pipeline never retries a stage that exits
+# EXIT_BAD_INPUT or EXIT_DAMAGED_RUN; any other non-zero code of a stage is retried.
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_RUN_LOCKED = 3  # another live process writes this run: try again when it has ended
 EXIT_DAMAGED_RUN = 4  # the run's stored outputs contradict each other: a rerun repairs them
 EXIT_CANCELLED = 5  # `skinlesion cancel` marked the run: stopped, a rerun resumes it
+# A stage failed on every attempt of its retry budget (or was preempted too often): the
+# run stops. A restarted controller pod would spend a whole new budget on it, so the
+# controller Job is not restarted; a rerun of the run id (after a fix) gets a new budget.
+EXIT_STAGE_FAILED = 6
 EXIT_INTERRUPTED = 143  # SIGTERM (128 + 15): pod eviction; state is saved, rerun resumes
 EXIT_CTRL_C = 130  # SIGINT (128 + 2), the shell's convention for Ctrl-C
+NOT_RETRIED = (EXIT_BAD_INPUT, EXIT_RUN_LOCKED, EXIT_DAMAGED_RUN, EXIT_CANCELLED, EXIT_STAGE_FAILED)
 
 
 class SkinlesionError(Exception):

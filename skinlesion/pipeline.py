@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from skinlesion import cancel, config, faults, logs, runlock
 from skinlesion.config import stage_settings
-from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, StageFailed
+from skinlesion.errors import EXIT_BAD_INPUT, EXIT_DAMAGED_RUN, EXIT_STAGE_FAILED, StageFailed
 from skinlesion.fields import to_flags
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import drop_state, fingerprint, input_fingerprints, is_done
@@ -271,7 +271,9 @@ def _run_stages(
                 preemptions += 1
                 log.warning("stage_preempted", step=name, attempt=attempt, detail=outcome.detail)
                 if preemptions > MAX_PREEMPTIONS:
-                    raise StageFailed(name, f"preempted {preemptions} times; log: {saved}")
+                    raise StageFailed(
+                        name, f"preempted {preemptions} times; log: {saved}", EXIT_STAGE_FAILED
+                    )
                 continue
             if outcome.exit_code == EXIT_BAD_INPUT:
                 raise StageFailed(name, f"bad input (not retried); log: {saved}", EXIT_BAD_INPUT)
@@ -292,7 +294,8 @@ def _run_stages(
                 retries_left=cfg.retries - failures + 1,
             )
             if failures > cfg.retries:
-                raise StageFailed(name, f"{outcome.detail} after {tries} attempts; log: {saved}")
+                detail = f"{outcome.detail} after {tries} attempts; log: {saved}"
+                raise StageFailed(name, detail, EXIT_STAGE_FAILED)
             time.sleep(retry_delay_s * 2 ** (failures - 1))
         seconds = time.monotonic() - start
         log.info("stage_done", step=name, attempts=tries, seconds=round(seconds, 1))

@@ -21,7 +21,7 @@ import yaml
 
 from skinlesion import config
 from skinlesion.classes import CLASSES
-from skinlesion.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_DAMAGED_RUN, EXIT_RUN_LOCKED
+from skinlesion.errors import NOT_RETRIED
 from skinlesion.stages import STAGE_BY_NAME, STAGES
 from tests import chart_render as cr
 from tests import chart_schema, lockfile
@@ -419,7 +419,7 @@ POD_FAILURE_RULES = [
         "onExitCodes": {
             "containerName": "<container>",
             "operator": "In",
-            "values": [EXIT_BAD_INPUT, EXIT_RUN_LOCKED, EXIT_DAMAGED_RUN, EXIT_CANCELLED],
+            "values": list(NOT_RETRIED),
         },
     },
 ]

@@ -27,6 +27,7 @@ from skinlesion.controller import run_controller
 from skinlesion.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
+    EXIT_STAGE_FAILED,
     ConfigError,
     InputError,
     RunCancelled,
@@ -477,8 +478,11 @@ def test_oom_killed_stage_is_named_and_retried_with_more_memory_up_to_the_cap(
 
 def test_stage_failure_is_an_error_naming_the_stage(make_run: Callable[..., Run]) -> None:
     run = make_run("--set", "retries=0")
-    with run.kubelet(evaluate=["fail:1"]), pytest.raises(StageFailed, match="'evaluate'"):
+    with run.kubelet(evaluate=["fail:1"]), pytest.raises(StageFailed, match="'evaluate'") as info:
         run.controller()
+    # the controller Job's podFailurePolicy fails it at once on this code (test_chart.py):
+    # a restarted controller pod would spend a whole new retry budget on the stage
+    assert info.value.exit_code == EXIT_STAGE_FAILED
 
 
 def test_rerun_after_a_failed_run_tries_again_with_the_next_attempt(

@@ -9,7 +9,13 @@ import pytest
 
 from skinlesion import cli, config
 from skinlesion.config import stage_settings
-from skinlesion.errors import EXIT_BAD_INPUT, InputError, RunCancelled, StageFailed
+from skinlesion.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_STAGE_FAILED,
+    InputError,
+    RunCancelled,
+    StageFailed,
+)
 from skinlesion.layout import RunLayout
 from skinlesion.manifest import STATE_PREFIX, commit_stage, input_fingerprints, read_manifest
 from skinlesion.pipeline import Outcome, StageCall, plan, run_pipeline
@@ -171,7 +177,8 @@ def test_failures_are_retried_then_the_stage_is_named(tmp_path: Path, raw: str) 
     with pytest.raises(StageFailed, match="stage 'augment' failed") as info:
         _run(tmp_path, raw, ex, retries=2)
     assert ex.calls[-3:] == [("augment", 1), ("augment", 2), ("augment", 3)]
-    assert info.value.exit_code != EXIT_BAD_INPUT
+    # not 1: a controller pod restarted by its Job would spend a new budget on it
+    assert info.value.exit_code == EXIT_STAGE_FAILED
     logs = open_store(_layout(tmp_path).logs_uri)
     assert logs.get_bytes("augment-attempt-3.log").decode() == "log of augment attempt 3"
 

@@ -286,8 +286,10 @@ affinity:
 {{/*
 Job podFailurePolicy: a pod lost to node preemption or eviction (DisruptionTarget)
 is not counted; exit codes that a retry of the same pod cannot help fail the Job at
-once (errors.py): 2 bad input, 3 another writer holds the run, 4 damaged run (the
-pipeline reruns the stale stages on the next run instead), 5 the run was cancelled.
+once (errors.py NOT_RETRIED): 2 bad input, 3 another writer holds the run, 4 damaged
+run (the pipeline reruns the stale stages on the next run instead), 5 the run was
+cancelled, 6 a stage failed on every retry (a restarted controller would spend a new
+retry budget on it; the controller Job's backoffLimit is for its own crashes).
 Call with the container name.
 */}}
 {{- define "skinlesion.podFailurePolicy" -}}
@@ -300,7 +302,7 @@ rules:
     onExitCodes:
       containerName: {{ . }}
       operator: In
-      values: [2, 3, 4, 5]
+      values: [2, 3, 4, 5, 6]
 {{- end }}
 
 {{/*
