@@ -6,6 +6,11 @@ The champion's predictions on exactly those images come from the champion's own
 the champion model on the candidate's validation shards with the evaluate stage's own
 prediction code. Either way both models' figures then come from one metrics code on one
 set of images, and their difference is judged by a paired lesion bootstrap.
+
+Images of lesions the champion trained on (its prepared data's `train` side, from the
+image index) are left out of that set: the champion has seen them, so its figures on
+them are inflated. When the champion's image index is gone, nothing can be left out and
+the comparison says so.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from skinlesion.classes import CLASSES
+from skinlesion.data_report import champion_data
 from skinlesion.errors import InputError
 from skinlesion.layout import MODEL_FILE, PREDICTIONS_FILE
 from skinlesion.lineage import upstream
@@ -41,9 +47,19 @@ class Predictions:
         at = {image: i for i, image in enumerate(self.image_ids)}
         if len(at) != len(image_ids) or any(image not in at for image in image_ids):
             raise InputError(f"{where}: not the same validation images")
-        order = np.array([at[image] for image in image_ids], dtype=np.int64)
+        return self._rows(np.array([at[image] for image in image_ids], dtype=np.int64))
+
+    def without_lesions(self, lesions: frozenset[str]) -> Predictions:
+        """The rows whose lesion is not in `lesions`."""
+        return self._rows(np.array([i for i, x in enumerate(self.lesions) if x not in lesions]))
+
+    def _rows(self, order: np.ndarray) -> Predictions:
+        order = order.astype(np.int64)
         return Predictions(
-            image_ids, [self.lesions[i] for i in order], self.labels[order], self.proba[order]
+            [self.image_ids[i] for i in order],
+            [self.lesions[i] for i in order],
+            self.labels[order],
+            self.proba[order],
         )
 
 
@@ -107,3 +123,26 @@ def champion_on_candidate_images(
     if rescored is None:
         return None
     return mine, rescored.reordered(mine.image_ids, f"{champion.uri} rescored"), RESCORED
+
+
+def champion_training_lesions(champion: Store) -> frozenset[str] | None:
+    """The lesions the champion trained on (the `train` side of its prepared data's image
+    index); None when that index is gone or was never written."""
+    data, _ = champion_data(champion)
+    if data is None or data["index"] is None:
+        return None
+    return frozenset(row["lesion_id"] for row in data["index"] if row["side"] == "train")
+
+
+def unseen_by_champion(
+    mine: Predictions, theirs: Predictions, trained: frozenset[str] | None
+) -> tuple[Predictions, Predictions, dict[str, Any]]:
+    """Both sets of predictions without the images of lesions the champion trained on, and
+    what was left out (`checked` false: the champion's training lesions are not known)."""
+    if trained is None:
+        return mine, theirs, {"checked": False, "lesions": 0, "images": 0}
+    seen = set(mine.lesions) & trained
+    kept = mine.without_lesions(trained)
+    images = len(mine.image_ids) - len(kept.image_ids)
+    left_out = {"checked": True, "lesions": len(seen), "images": images}
+    return kept, theirs.without_lesions(trained), left_out

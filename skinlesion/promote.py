@@ -3,16 +3,17 @@ version, the `champion` alias moved, `models/latest` rewritten as its copy).
 
 Rule: both models are scored on the candidate's validation images (the champion's
 recorded predictions when it was evaluated on those images, else the champion model
-rescored on them: skinlesion.fair). The lower bound of the 95% paired lesion-bootstrap
-interval of candidate minus champion in `metric` (balanced accuracy by default) must
-exceed `min_improvement`, and the candidate's melanoma recall must not drop by more than
-`melanoma_recall_margin`. Where no paired comparison is possible (an old champion without
-predictions whose candidate data is gone), the point gain is compared and the decision
-says so. With no champion the candidate is promoted. With `require_no_drift` a promotion
-is held for review when prepare's data report flags drift (data_report.py). The decision
-and both scores are recorded either way, in `runs/<id>/promote/decision.json` and in that
-prefix's manifest. A registered version also gets its SavedModel (serving.py) unless
-`serving_export` is off.
+rescored on them: skinlesion.fair), less those of lesions the champion trained on. The
+lower bound of the 95% paired lesion-bootstrap interval of candidate minus champion in
+`metric` (balanced accuracy by default) must exceed `min_improvement`, and the
+candidate's melanoma recall must not drop by more than `melanoma_recall_margin`. Where
+no paired comparison is possible (an old champion without predictions whose candidate
+data is gone), the point gain is compared and the decision says so. With no champion
+the candidate is promoted. With `require_no_drift` a promotion is held for review when
+prepare's data report flags drift (data_report.py). The decision and both scores are
+recorded either way, in `runs/<id>/promote/decision.json` and in that prefix's manifest.
+A registered version also gets its SavedModel (serving.py) unless `serving_export` is
+off.
 
 The champion prefix follows the commit protocol too: the old `manifest.json`
 is removed first, the files are copied, the new manifest is written last, so
@@ -163,12 +164,20 @@ def _paired(
     if got is None:
         return None
     mine, theirs, how = got
-    champion_metrics = compute_metrics(theirs.labels, theirs.proba)
+    trained = fair.champion_training_lesions(champion)
+    mine, theirs, left_out = fair.unseen_by_champion(mine, theirs, trained)
+    if not mine.image_ids:
+        return None  # the champion trained on every candidate lesion: no fair comparison
     gain = bootstrap.paired_gain(mine.labels, mine.proba, theirs.proba, mine.lesions, cfg.metric)
     return {
         "how": how,
         "n_images": len(mine.image_ids),
-        "champion": _scores(champion_metrics, cfg.metric),
+        "left_out_champion_trained": left_out,
+        # both on the compared images (the candidate's own figures cover all of its images)
+        "candidate": _scores(compute_metrics(mine.labels, mine.proba), cfg.metric)
+        if left_out["images"]
+        else None,
+        "champion": _scores(compute_metrics(theirs.labels, theirs.proba), cfg.metric),
         "gain": gain,
     }
 
@@ -235,7 +244,9 @@ def run_promote(
             }, pair
 
         def judge(champion: dict[str, Any] | None, pair: dict[str, Any] | None) -> tuple[bool, str]:
-            return decide(cfg, cand, champion, pair["gain"]["interval"] if pair else None)
+            if pair is None:
+                return decide(cfg, cand, champion)
+            return decide(cfg, pair["candidate"] or cand, champion, pair["gain"]["interval"])
 
         def redecide(n: int, current: ChampionResult, store: Store) -> tuple[bool, str]:
             return judge(*against(n, current, store))
@@ -311,6 +322,12 @@ def run_promote(
                 version = registered.version
                 if not registered.champion:
                     promoted, reason = False, registered.reason
+        left_out = paired["left_out_champion_trained"] if paired else None
+        if left_out and left_out["images"]:
+            reason += (
+                f" (left out: {left_out['images']} images of {left_out['lesions']} lesions "
+                "the champion trained on)"
+            )
         if same_val is False and paired is None:
             reason += " (note: the champion was evaluated on other validation data)"
         decision = {

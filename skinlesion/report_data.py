@@ -124,9 +124,9 @@ def section(report: Mapping[str, Any] | None) -> str:
         against += (
             f"<p class=warn>{fmt(seen['images'])} of {fmt(seen['of_images'])} validation images "
             f"({fmt(seen['lesions'])} of {fmt(seen['of_lesions'])} lesions) belong to lesions the "
-            "champion trained on: its figures on this validation data are inflated and a "
-            "comparison on it favours the champion. Keep the split and its seed across runs "
-            "(lesion-hash keeps each lesion's side as data grows).</p>"
+            "champion trained on: its figures on this validation data are inflated, so "
+            "promote compares the two models without them. Keep the split and its seed "
+            "across runs (lesion-hash keeps each lesion's side as data grows).</p>"
         )
     flagged = drift["flagged"]
     verdict = (

@@ -20,7 +20,10 @@ from PIL import Image
 from skinlesion import bootstrap, config, evaluate, report, shards
 from skinlesion.classes import CLASSES, NUM_CLASSES
 from skinlesion.config import stage_settings
+from skinlesion.data_report import index_row, write_index
 from skinlesion.errors import InputError
+from skinlesion.imaging import ImageStats
+from skinlesion.layout import IMAGE_INDEX_FILE
 from skinlesion.manifest import commit_stage, input_fingerprints, read_manifest
 from skinlesion.metrics import FILE_KEYS, MEL_KEY, compute_metrics
 from skinlesion.plots import plt, save
@@ -58,8 +61,10 @@ def write_prepared(
     synthetic: bool = True,
     resize: str = "squash",
     seed: int = 0,
+    trained_lesions: tuple[str, ...] = (),
 ) -> list[shards.Example]:
-    """Commit a prepare-like prefix holding val shards (several, to test ordering)."""
+    """Commit a prepare-like prefix holding val shards (several, to test ordering); with
+    `trained_lesions`, also its image index, listing one train image of each."""
     rng = np.random.default_rng(seed)
     examples = [
         shards.Example(lesion_jpeg(rng, label, image_size), label, f"ISIC_{i:07d}", f"HAM_{i:07d}")
@@ -74,6 +79,13 @@ def write_prepared(
             for ex in examples:
                 writer.write(ex)
         png(work / "class_distribution.png", "classes")
+        if trained_lesions:
+            stats = ImageStats("0" * 64, 600, 450, 128.0)
+            rows = [
+                index_row(f"ISIC_train_{i}", lesion, CLASSES[i % NUM_CLASSES], "train", stats)
+                for i, lesion in enumerate(trained_lesions)
+            ]
+            write_index(work / IMAGE_INDEX_FILE, rows)
         counts = {c: per_class[k] for k, c in enumerate(CLASSES)}
         return prepare_result(
             {"val": writer.shards},

@@ -10,6 +10,7 @@ import pytest
 
 from skinlesion import config, evaluate, fair
 from skinlesion.classes import NUM_CLASSES
+from skinlesion.metrics import compute_metrics
 from skinlesion.promote import run_promote
 from skinlesion.storage import Store, get_json
 from tests.test_evaluate import tiny_model, write_augment, write_model, write_prepared
@@ -38,10 +39,17 @@ def sharp_model(image_size: int = 32) -> Any:
     return net
 
 
-def _run(store: Store, run_id: str, net: Any, data_seed: int, per_class=PER_CLASS) -> dict:
+def _run(
+    store: Store,
+    run_id: str,
+    net: Any,
+    data_seed: int,
+    per_class: tuple[int, ...] = PER_CLASS,
+    trained_lesions: tuple[str, ...] = (),
+) -> dict:
     run = store.child("runs", run_id)
     prepared, augmented, model = run.child("prepare"), run.child("augment"), run.child("train")
-    write_prepared(prepared, per_class=per_class, seed=data_seed)
+    write_prepared(prepared, per_class=per_class, seed=data_seed, trained_lesions=trained_lesions)
     write_augment(augmented, prepared)
     write_model(model, net, augmented, prepared)
     evaluation = run.child("evaluate")
@@ -96,3 +104,41 @@ def test_no_gain_on_the_same_images_does_not_promote(file_store: Store) -> None:
     assert decision["comparison"]["gain"]["gain"] == pytest.approx(0.0, abs=1e-12)
     assert decision["promoted"] is False
     assert "its lower bound must exceed 0.0000" in decision["reason"]
+
+
+@pytest.mark.slow
+def test_images_of_lesions_the_champion_trained_on_are_left_out(file_store: Store) -> None:
+    """A champion whose split put some of the candidate's validation lesions on its train
+    side: those images would flatter it, so both models are compared without them."""
+    trained = tuple(f"HAM_{i:07d}" for i in range(0, 20, 2))  # 10 of r2's 35 lesions
+    _run(file_store, "r1", sharp_model(), data_seed=0, trained_lesions=trained)
+    decision = _run(file_store, "r2", tiny_model(seed=2), data_seed=1, per_class=(5,) * 7)[
+        "decision"
+    ]
+    comparison = decision["comparison"]
+    assert comparison["how"] == fair.RESCORED
+    assert comparison["left_out_champion_trained"] == {"checked": True, "lesions": 10, "images": 10}
+    assert comparison["n_images"] == 25
+    assert "left out: 10 images of 10 lesions the champion trained on" in decision["reason"]
+    # Independently: both models' predictions on r2's data, less those 10 lesions.
+    run2 = file_store.child("runs", "r2")
+    check = file_store.child("check")
+    evaluate.run_evaluate(
+        EVAL, file_store.child("runs", "r1", "train"), run2.child("prepare"), check
+    )
+    for store, side in ((check, "champion"), (run2.child("evaluate"), "candidate")):
+        kept = fair.read_predictions(store).without_lesions(frozenset(trained))
+        assert len(kept.image_ids) == 25
+        expected = compute_metrics(kept.labels, kept.proba)["balanced_accuracy"]
+        assert comparison[side]["metric"] == pytest.approx(expected, abs=1e-9), side
+    assert decision["candidate"]["metric"] == pytest.approx(  # its own figures: all 35
+        get_json(run2.child("evaluate"), "metrics.json")["balanced_accuracy"]
+    )
+
+
+def test_without_the_champions_image_index_nothing_is_left_out(file_store: Store) -> None:
+    _run(file_store, "r1", sharp_model(), data_seed=0)
+    decision = _run(file_store, "r2", sharp_model(), data_seed=0)["decision"]
+    left_out = decision["comparison"]["left_out_champion_trained"]
+    assert left_out == {"checked": False, "lesions": 0, "images": 0}
+    assert decision["comparison"]["candidate"] is None  # its own figures are on these images
