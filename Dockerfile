@@ -1,17 +1,17 @@
 # The skinlesion image: every stage Job and the controller run `python /app/jobs/<job>.py`
 # (charts/skinlesion renders the commands).
 #
-#   make image      # target cpu: CPU pools, kind   (skinlesion:<git sha>)
-#   make image-gpu  # target gpu: GPU pools         (skinlesion:<git sha>-gpu)
+#   make image      # TF_VARIANT=cpu: CPU pools, kind   (skinlesion:<git sha>)
+#   make image-gpu  # TF_VARIANT=gpu: GPU pools         (skinlesion:<git sha>-gpu)
 #
 # No registry is needed but the package indexes: the Makefile builds the base from Debian
 # packages (`make base-image`, debootstrap + docker import) and passes it as PYTHON_IMAGE;
 # any Debian-based Python 3.11 image works too (python:3.11-slim-bookworm). There is no
 # `# syntax=` line on purpose: it makes BuildKit pull a frontend image from a registry.
 #
-# CPU target: the tensorflow-cpu wheel of the pinned tensorflow version (the same code
-# without the CUDA kernels: a smaller image). GPU target: tensorflow[and-cuda] installs the
-# CUDA and cuDNN libraries as pinned pip wheels (constraints.txt), so both targets share
+# CPU variant: the tensorflow-cpu wheel of the pinned tensorflow version (the same code
+# without the CUDA kernels: a smaller image). GPU variant: tensorflow[and-cuda] installs the
+# CUDA and cuDNN libraries as pinned pip wheels (constraints.txt), so both variants share
 # the same slim Python base; the nodes only need the NVIDIA driver and device plugin
 # (nvidia.com/gpu), no CUDA base image.
 #
@@ -21,8 +21,8 @@
 # (`make image PIP_CERT=path`), mounted for the RUN only, and pip's cache is a BuildKit
 # cache mount: neither lands in a layer (tests/test_image.py greps the layers and the
 # history). docker/slim-venv.sh then drops what only building needs (pip, C++ headers,
-# libraries' test suites; in the CPU target TensorFlow's symbol tables); the runtime stages
-# hold only the virtualenv, skinlesion/, jobs/ and pyproject.toml, owned by root and run as
+# libraries' test suites; in the CPU variant TensorFlow's symbol tables); the final stage
+# holds only the virtualenv, skinlesion/, jobs/ and pyproject.toml, owned by root and run as
 # the unprivileged uid 10001 (the chart's runAsUser) with a read-only root filesystem.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -40,9 +40,9 @@ WORKDIR /src
 
 # --- requirements: the dependency list of pyproject.toml and of its optional extras but dev
 # (mlflow: the client, off unless MLFLOW_TRACKING_URI is set), without the package and
-# without tensorflow (each target adds its own wheel of the pinned version). Its own stage,
-# so that the install layers below are reused until the dependency list or the pins change
-# (not on every edit of pyproject.toml).
+# without tensorflow (the venv stage adds its variant's wheel of the pinned version). Its own
+# stage, so that the install layers below are reused until the dependency list or the pins
+# change (not on every edit of pyproject.toml).
 FROM builder AS requirements
 COPY constraints.txt pyproject.toml ./
 RUN /opt/venv/bin/python -c "import re, tomllib; \
@@ -52,25 +52,21 @@ pins = dict(l.split('==') for l in open('constraints.txt').read().split() if '==
 print('\n'.join(d for d in deps if re.match(r'[\w.-]+', d)[0] != 'tensorflow')); \
 open('tf-version', 'w').write(pins['tensorflow'])" > requirements.txt
 
-# --- builder-cpu: the dependencies with tensorflow-cpu ---------------------------------------
-FROM builder AS builder-cpu
+# --- venv: the dependencies and the TensorFlow wheel of TF_VARIANT (make image: cpu,
+# stripped of symbol tables; make image-gpu: gpu, tensorflow[and-cuda]) --------------------
+FROM builder AS venv
+ARG TF_VARIANT=cpu
 COPY --from=requirements /src/requirements.txt /src/tf-version ./
 COPY constraints.txt docker/slim-venv.sh ./
 RUN --mount=type=secret,id=pipcert --mount=type=cache,target=/root/.cache/pip \
-    { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
- && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
-      "tensorflow-cpu==$(cat tf-version)" \
- && sh slim-venv.sh /opt/venv --strip
-
-# --- builder-gpu: the dependencies with tensorflow[and-cuda] ---------------------------------
-FROM builder AS builder-gpu
-COPY --from=requirements /src/requirements.txt /src/tf-version ./
-COPY constraints.txt docker/slim-venv.sh ./
-RUN --mount=type=secret,id=pipcert --mount=type=cache,target=/root/.cache/pip \
-    { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
- && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt \
-      "tensorflow[and-cuda]==$(cat tf-version)" \
- && sh slim-venv.sh /opt/venv
+    case "$TF_VARIANT" in \
+      cpu) tf=tensorflow-cpu; strip=--strip ;; \
+      gpu) tf="tensorflow[and-cuda]"; strip= ;; \
+      *) echo "TF_VARIANT must be cpu or gpu, not '$TF_VARIANT'" >&2; exit 2 ;; \
+    esac \
+ && { [ ! -s /run/secrets/pipcert ] || export PIP_CERT=/run/secrets/pipcert; } \
+ && /opt/venv/bin/pip install -r requirements.txt -c constraints.txt "$tf==$(cat tf-version)" \
+ && sh slim-venv.sh /opt/venv $strip
 
 # --- runtime: slim Python, non-root user, application files only ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -86,20 +82,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp
 WORKDIR /app
 
-# --- gpu ------------------------------------------------------------------------------------
-FROM runtime AS gpu
-COPY --from=builder-gpu /opt/venv /opt/venv
-COPY pyproject.toml /app/
-COPY skinlesion/ /app/skinlesion/
-COPY jobs/ /app/jobs/
-RUN /opt/venv/bin/python -m compileall -q /app/skinlesion /app/jobs \
- && /opt/venv/bin/python -c "import skinlesion.cli"
-USER 10001:10001
-CMD ["/opt/venv/bin/python", "-m", "skinlesion", "--help"]
-
-# --- cpu (the default target: last) --------------------------------------------------------
-FROM runtime AS cpu
-COPY --from=builder-cpu /opt/venv /opt/venv
+# --- app: the image ------------------------------------------------------------------------
+FROM runtime AS app
+COPY --from=venv /opt/venv /opt/venv
 COPY pyproject.toml /app/
 COPY skinlesion/ /app/skinlesion/
 COPY jobs/ /app/jobs/

@@ -82,11 +82,12 @@ docker-deps:
 	  echo "tests/test_image.py and tests/test_pods.py need Docker's engine and debootstrap:" \
 	    "apt-get install -y docker.io debootstrap (as root)"
 
-# Two workers: most tests wait on a child process or a server about half the time.
+# Two workers: most tests wait on a child process or a server about half the time. A
+# module is one unit of work (its fixtures are built once); tests/conftest.py schedules.
 TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup-dev pushgateway docker-deps
-	$(PY) -m pytest -m "not soak" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
-	  --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not soak" $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # The long fault matrices: every test of these files, the `soak`-marked ones (which
 # `make test` leaves out) and the few that `make test` runs as well.
@@ -105,7 +106,7 @@ fmt: setup-dev
 	$(BIN)/ruff check --fix skinlesion jobs tests
 
 check: lint
-	$(PY) -m pytest -m "not slow and not soak" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not soak" $(XDIST) $(PYTEST_ARGS)
 
 # Only the tests that run the chart's Jobs as containers (builds the image first, cached).
 pods-test: setup-dev docker-deps
@@ -208,10 +209,10 @@ base-image: docker-engine
 $(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),image image-gpu: base-image)
 
 image: docker-engine
-	$(DOCKER_BUILD) --target cpu -t $(IMAGE):$(TAG) .
+	$(DOCKER_BUILD) -t $(IMAGE):$(TAG) .
 
 image-gpu: docker-engine
-	$(DOCKER_BUILD) --target gpu -t $(IMAGE):$(TAG)-gpu .
+	$(DOCKER_BUILD) --build-arg TF_VARIANT=gpu -t $(IMAGE):$(TAG)-gpu .
 
 # kind cluster + image + chart with MinIO (values-kind.yaml) + bucket + synthetic sample data.
 kind-up: image setup

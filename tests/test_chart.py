@@ -515,7 +515,7 @@ def test_gpus_only_on_gpu_stages_with_default_values() -> None:
 
 
 def test_gpu_stages_run_the_gpu_image() -> None:
-    """The `gpu` Dockerfile target (`make image-gpu`: <tag>-gpu) where GPUs are requested."""
+    """The GPU image (`make image-gpu`: <tag>-gpu) where GPUs are requested."""
     rendered = cr.render(values={"image": {"tag": "abc"}})
     images = {n: pod_spec(j)["containers"][0]["image"] for n, j in rendered.stage_jobs().items()}  # type: ignore[index]
     assert images == {

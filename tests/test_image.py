@@ -140,19 +140,20 @@ def test_the_dockerfile_bakes_in_no_build_tools_credentials_or_caches() -> None:
     assert not re.search(r"^#\s*syntax\s*=", text, re.M)  # no frontend pulled from a registry
     stages = re.split(r"^FROM ", text, flags=re.M)[1:]
     by_name = {re.match(r"\S+ AS (\S+)", s).group(1): s for s in stages}  # type: ignore[union-attr]
-    for name in ("runtime", "cpu", "gpu"):
+    for name in ("runtime", "app"):
         stage = by_name[name]
         assert not re.search(r"apt-get|pip install|--mount=type=secret|ARG .*(CERT|TOKEN|KEY)",
                              stage), name  # fmt: skip
         copies = re.findall(r"^COPY (.+)$", stage, re.M)
         for copy in copies:
             assert re.fullmatch(
-                r"--from=builder-(cpu|gpu) /opt/venv /opt/venv|pyproject\.toml /app/"
+                r"--from=venv /opt/venv /opt/venv|pyproject\.toml /app/"
                 r"|skinlesion/ /app/skinlesion/|jobs/ /app/jobs/",
                 copy,
             ), copy
-    for name in ("builder-cpu", "builder-gpu"):  # the secret only as a mount, pip's cache too
-        assert "--mount=type=secret,id=pipcert" in by_name[name]
-        assert "--mount=type=cache,target=/root/.cache/pip" in by_name[name]
-        assert "slim-venv.sh" in by_name[name]
-    assert re.search(r"^USER 10001:10001$", by_name["cpu"], re.M)
+    venv = by_name["venv"]  # the secret only as a mount, pip's cache too
+    assert "--mount=type=secret,id=pipcert" in venv
+    assert "--mount=type=cache,target=/root/.cache/pip" in venv
+    assert "slim-venv.sh" in venv
+    assert re.search(r"^USER 10001:10001$", by_name["app"], re.M)
+    assert text.rstrip().split("\n")[-1].startswith("CMD")  # `app`, the last stage, is built
