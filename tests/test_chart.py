@@ -19,7 +19,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from skinlesion import config
+from skinlesion import config, registry
 from skinlesion.classes import CLASSES
 from skinlesion.errors import NOT_RETRIED
 from skinlesion.stages import STAGE_BY_NAME, STAGES
@@ -612,6 +612,7 @@ def test_stages_yaml_holds_one_complete_job_per_stage(case: Any) -> None:
         assert c["imagePullPolicy"] == values["image"]["pullPolicy"]
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["SKINLESION_SCRATCH"] == env["TMPDIR"] == "/scratch"
+        assert env[registry.IMAGE_TAG_ENV] == c["image"]  # what a promotion records
         assert env["HOME"] == "/scratch"
         assert env["AWS_REGION"] == values["store"]["region"]
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -980,8 +981,9 @@ def test_makefile_kind_settings_match_values_kind() -> None:
 
 def test_dockerfile_matches_the_chart() -> None:
     text = (cr.ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM .+ AS cpu$", text, re.M | re.I)
-    assert re.search(r"^FROM .+ AS gpu$", text, re.M | re.I)
+    assert re.search(r"^ARG TF_VARIANT=cpu$", text, re.M)  # make image-gpu: TF_VARIANT=gpu
+    assert 'tf="tensorflow[and-cuda]"' in text
+    assert "TF_VARIANT=gpu" in cr.MAKEFILE.read_text()
     assert re.search(rf"^USER {UID}(:{UID})?$", text, re.M)
     assert re.search(r"^WORKDIR /app$", text, re.M)
     assert "COPY jobs/ /app/jobs/" in text  # the chart runs python /app/jobs/<job>.py

@@ -206,12 +206,12 @@ annotations:
 
 {{/* --- pods --- */}}
 
-{{/* The image of the `cpu` target (controller, CPU stages). */}}
+{{/* The CPU image (`make image`: controller, CPU stages). */}}
 {{- define "skinlesion.image" -}}
 {{- include "skinlesion.imageRef" (dict "repository" .Values.image.repository "tag" (.Values.image.digest | default .Values.image.tag | default .Chart.AppVersion)) }}
 {{- end }}
 
-{{/* The image of the `gpu` target (stages that request GPUs): image.gpuTag or <tag>-gpu. */}}
+{{/* The GPU image (`make image-gpu`: stages that request GPUs): image.gpuTag or <tag>-gpu. */}}
 {{- define "skinlesion.gpuImage" -}}
 {{- $tag := .Values.image.gpuDigest | default .Values.image.gpuTag | default (printf "%s-gpu" (.Values.image.tag | default .Chart.AppVersion)) }}
 {{- include "skinlesion.imageRef" (dict "repository" .Values.image.repository "tag" $tag) }}
@@ -369,6 +369,8 @@ spec:
           env:
             {{- include "skinlesion.storeEnv" $root | nindent 12 }}
             {{- include "skinlesion.obsEnv" (dict "root" $root "controller" false) | nindent 12 }}
+            - name: SKINLESION_IMAGE_TAG  # recorded with a registered model version
+              value: {{ $image | quote }}
             - name: SKINLESION_SCRATCH
               value: /scratch
             - name: TMPDIR
