@@ -10,6 +10,7 @@ previous backup usable.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ class StateBackup:
         """Upload the model (+ the best weights when changed), then state.json, then prune."""
         local = self.tmp / "state" / f"{tag}.keras"
         local.parent.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
         model.save(local)
+        size = local.stat().st_size
         state.model_key = f"{STATE_PREFIX}/{tag}.keras"
         self.out.put_file(local, state.model_key)
         faults.point("backup.model")
@@ -101,6 +104,7 @@ class StateBackup:
         if best:
             state.best_key = f"{STATE_PREFIX}/best-{tag}.weights.h5"
             self.out.put_file(self.best_file, state.best_key)
+            size += self.best_file.stat().st_size
         state.fingerprint = self.fp
         put_json(self.out, STATE_JSON, asdict(state))
         faults.point("backup.state")
@@ -110,3 +114,10 @@ class StateBackup:
                 self.out.delete(obj.key)
         if best:
             self.best_changed = False
+        self.log.info(  # a backup of a large model takes a while: say what it took
+            "state_saved",
+            tag=tag,
+            megabytes=round(size / 1e6, 1),
+            best_weights=best,
+            seconds=round(time.monotonic() - start, 1),
+        )

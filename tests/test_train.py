@@ -414,6 +414,9 @@ def test_resume_after_killed_training_process(data: Store, s3_uri: str, tmp_path
     assert len(resuming) == 1 and resuming[0]["epoch"] == killed_at
     trained = [e["epoch"] for e in events if e.get("event") == "epoch"]
     assert trained == list(range(killed_at + 1, epochs + 1)), "epochs restarted"
+    saved = [e for e in events if e.get("event") == "state_saved"]  # one line per backup
+    assert [e["tag"] for e in saved] == [f"epoch-{n:04d}" for n in trained]
+    assert all(e["megabytes"] > 0 and e["seconds"] >= 0 for e in saved)
     manifest = get_json(out, "manifest.json")
     assert manifest["resumed_from_epoch"] == killed_at
     assert manifest["epochs_run"] == epochs
