@@ -38,8 +38,8 @@ from tests.bench.rss import PeakTreeRSS
 SIZE = 224
 _CHILD = """
 import json, sys, time
-import tensorflow  # noqa: F401  (process start-up, not prepare work)
 from skinlesion import logs
+logs.import_tensorflow()  # process start-up, not prepare work
 from skinlesion.config import PrepareConfig
 from skinlesion.prepare import run_prepare
 from skinlesion.storage import FileStore
