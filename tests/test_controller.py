@@ -413,7 +413,7 @@ def test_failing_stage_is_retried_its_log_saved_then_named(
     run = make_run("--set", "retries=1")
     with run.kubelet(augment=["fail:1", "fail:1"]) as kubelet:
         code = run.main()
-    assert code == 1
+    assert code == EXIT_STAGE_FAILED  # its podFailurePolicy fails the controller Job
     assert "stage 'augment' failed" in capsys.readouterr().err
     assert kubelet.names() == names(("prepare", 1), ("augment", 1), ("augment", 2))
     logs = open_store(run.layout.logs_uri)
