@@ -95,21 +95,20 @@ def champion_data(champion: Store) -> tuple[dict[str, Any] | None, str]:
     if found is None:
         return None, "no champion yet"
     version, result, _ = found
-    up = _prepared_of(result.evaluation_uri, result.val_data_fingerprint)
+    up = prepared_of(result.evaluation_uri, result.val_data_fingerprint)
     if up is None:
         return None, f"the champion's prepared data (via {result.evaluation_uri}) is gone"
     store, manifest = up
-    index = read_index(store) if store.exists(IMAGE_INDEX_FILE) else None
     return {
         "version": version,
         "run_id": result.run_id,
         "prepare": store.uri,
-        "index": index,
+        "index": read_index(store) if store.exists(IMAGE_INDEX_FILE) else None,
         "counts": manifest.get("counts") or {},
     }, ""
 
 
-def _prepared_of(evaluation_uri: str, val_data: str) -> tuple[Store, dict[str, Any]] | None:
+def prepared_of(evaluation_uri: str, val_data: str) -> tuple[Store, dict[str, Any]] | None:
     """The prepare output an evaluation (at `evaluation_uri`, of data whose input
     fingerprint is `val_data`) used: its `val_data` source, else its run's `prepare` prefix
     while that holds the data the fingerprint names."""
@@ -348,7 +347,7 @@ def read_report(prepared: Store) -> dict[str, Any] | None:
 def held_for_review(evaluation_uri: str, evaluation: dict[str, Any]) -> str:
     """Why a promotion is held under `promote.require_no_drift` ("" when it is not): the
     candidate's data report (of its evaluation's `val_data`) flags drift, or is missing."""
-    up = _prepared_of(evaluation_uri, evaluation["inputs"]["val_data"])
+    up = prepared_of(evaluation_uri, evaluation["inputs"]["val_data"])
     report = read_report(up[0]) if up is not None else None
     if report is None:
         return "no data report for the candidate's data (prepared before data reports)"

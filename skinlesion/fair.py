@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from skinlesion.classes import CLASSES
-from skinlesion.data_report import champion_data
+from skinlesion.data_report import prepared_of, read_index
 from skinlesion.errors import InputError
-from skinlesion.layout import MODEL_FILE, PREDICTIONS_FILE
+from skinlesion.layout import IMAGE_INDEX_FILE, MODEL_FILE, PREDICTIONS_FILE
 from skinlesion.lineage import upstream
-from skinlesion.results import PrepareResult, parse_result
+from skinlesion.results import ChampionResult, PrepareResult, parse_result
 from skinlesion.scratch import scratch_dir
 from skinlesion.storage import Store
 
@@ -125,13 +125,13 @@ def champion_on_candidate_images(
     return mine, rescored.reordered(mine.image_ids, f"{champion.uri} rescored"), RESCORED
 
 
-def champion_training_lesions(champion: Store) -> frozenset[str] | None:
-    """The lesions the champion trained on (the `train` side of its prepared data's image
-    index); None when that index is gone or was never written."""
-    data, _ = champion_data(champion)
-    if data is None or data["index"] is None:
+def champion_training_lesions(champion: ChampionResult) -> frozenset[str] | None:
+    """The lesions the champion trained on (the `train` side of the image index of the data
+    it was prepared and evaluated with); None when that index is gone or was never written."""
+    up = prepared_of(champion.evaluation_uri, champion.val_data_fingerprint)
+    if up is None or not up[0].exists(IMAGE_INDEX_FILE):
         return None
-    return frozenset(row["lesion_id"] for row in data["index"] if row["side"] == "train")
+    return frozenset(row["lesion_id"] for row in read_index(up[0]) if row["side"] == "train")
 
 
 def unseen_by_champion(

@@ -156,15 +156,20 @@ def _download(model: Store, candidate: Store, work: Path) -> None:
 
 
 def _paired(
-    cfg: config.PromoteConfig, candidate: Store, evaluation: dict[str, Any], champion: Store
+    cfg: config.PromoteConfig,
+    candidate: Store,
+    evaluation: dict[str, Any],
+    champion: Store,
+    current: ChampionResult,
 ) -> dict[str, Any] | None:
-    """The champion's scores on the candidate's validation images and the paired bootstrap
-    of the gain; None when the champion cannot be scored on them."""
+    """The champion's scores on the candidate's validation images, less those of lesions
+    it trained on (`current`: its manifest, which names its data), and the paired
+    bootstrap of the gain; None when the champion cannot be scored on them."""
     got = fair.champion_on_candidate_images(candidate, evaluation, champion, RESCORE_BATCH)
     if got is None:
         return None
     mine, theirs, how = got
-    trained = fair.champion_training_lesions(champion)
+    trained = fair.champion_training_lesions(current)
     mine, theirs, left_out = fair.unseen_by_champion(mine, theirs, trained)
     if not mine.image_ids:
         return None  # the champion trained on every candidate lesion: no fair comparison
@@ -233,7 +238,7 @@ def run_promote(
             recorded = _scores(get_json(store, METRICS_FILE), cfg.metric)
             pair = None
             if current.model_sha256 != model_sha:
-                pair = _paired(cfg, candidate, evaluation, store)
+                pair = _paired(cfg, candidate, evaluation, store, current)
             return {
                 **(pair["champion"] if pair else recorded),
                 "recorded": recorded,
